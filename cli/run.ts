@@ -1,0 +1,140 @@
+// `pg-tide run` (also plain `pg-tide --postgres-url ...`): the relay, until SIGTERM or SIGINT.
+
+import { ConfigError } from "../core/errors.ts";
+import { createLogger, isLogLevel, type Logger } from "../core/log.ts";
+import { DEFAULT_DRAIN_TIMEOUT_MS, Relay } from "../core/relay.ts";
+import { onSignal, writeStdout } from "../core/runtime.ts";
+import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
+import { CONFIG_FLAG, loadConfig, relayFallback } from "./manifest_flags.ts";
+
+export const RUN_FLAGS = {
+  "postgres-url": POSTGRES_URL_FLAG,
+  config: CONFIG_FLAG,
+  "relay-group-id": {
+    type: "string",
+    env: "PG_TIDE_RELAY_GROUP_ID",
+    default: "default",
+    placeholder: "ID",
+    help: "relays with the same id share the pipelines (one owner each); different ids deliver independently",
+  },
+  "max-pipelines": {
+    type: "string",
+    env: "PG_TIDE_MAX_PIPELINES",
+    default: "1000",
+    placeholder: "N",
+    help: "most pipelines this relay owns at once",
+  },
+  "poll-interval-ms": {
+    type: "string",
+    env: "PG_TIDE_POLL_INTERVAL_MS",
+    default: "250",
+    placeholder: "MS",
+    help: "how often an idle pipeline looks for new messages (NOTIFY wakes it sooner for outboxes created with p_notify)",
+  },
+  "reconcile-interval-ms": {
+    type: "string",
+    env: "PG_TIDE_RECONCILE_INTERVAL_MS",
+    default: "2000",
+    placeholder: "MS",
+    help: "how often the catalog is re-read and dead relays' pipelines are taken over (NOTIFY and SIGHUP act at once)",
+  },
+  "drain-timeout": {
+    type: "string",
+    env: "PG_TIDE_DRAIN_TIMEOUT",
+    default: String(DEFAULT_DRAIN_TIMEOUT_MS / 1000),
+    placeholder: "SECONDS",
+    help: "on SIGTERM/SIGINT, how long in-flight batches may take to finish",
+  },
+  "metrics-addr": {
+    type: "string",
+    env: "PG_TIDE_METRICS_ADDR",
+    default: "0.0.0.0:9090",
+    placeholder: "HOST:PORT",
+    help: "serve /metrics, /livez, /readyz, /api/v1/pipelines and the status page here (\"off\" disables it)",
+  },
+  "log-format": { type: "string", env: "PG_TIDE_LOG_FORMAT", default: "text", placeholder: "text|json", help: "log line format" },
+  "log-level": {
+    type: "string",
+    env: "PG_TIDE_LOG_LEVEL",
+    default: "info",
+    placeholder: "LEVEL",
+    help: "debug, info, warn or error",
+  },
+  help: HELP_FLAG,
+} as const;
+
+export const RUN_HELP = formatHelp(
+  "pg-tide [run] --postgres-url URL [options]",
+  "Runs the relay: discovers the pipelines in the tide catalog (after upserting those a --config\n" +
+    "manifest declares), takes ownership of each through an advisory lock, and delivers outbox\n" +
+    "messages to their sinks and source messages to their inboxes. Catalog changes apply without a\n" +
+    "restart (NOTIFY, SIGHUP, and a periodic check). SIGTERM or SIGINT drains in-flight batches and\n" +
+    "exits 0. Flags override environment variables, which override the manifest's [relay] settings.",
+  RUN_FLAGS,
+);
+
+export async function runCommand(args: string[]): Promise<number> {
+  const first = parseFlags("run", RUN_FLAGS, args);
+  if (first.help) {
+    writeStdout(RUN_HELP);
+    return 0;
+  }
+  const { manifest, registry } = await loadConfig(first.config);
+  const flags = parseFlags("run", RUN_FLAGS, args, relayFallback(manifest));
+  const url = requireUrl("run", flags["postgres-url"]);
+  const logger = loggerFromFlags(flags["log-format"]!, flags["log-level"]!);
+  const relay = new Relay({
+    postgresUrl: url,
+    relayGroupId: flags["relay-group-id"]!,
+    logger,
+    maxPipelines: positiveInt("max-pipelines", flags["max-pipelines"]!),
+    pollIntervalMs: positiveInt("poll-interval-ms", flags["poll-interval-ms"]!),
+    reconcileIntervalMs: positiveInt("reconcile-interval-ms", flags["reconcile-interval-ms"]!),
+    drainTimeoutMs: positiveInt("drain-timeout", flags["drain-timeout"]!) * 1000,
+    metricsAddr: flags["metrics-addr"] === "off" ? undefined : flags["metrics-addr"],
+    registry,
+    pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
+  });
+  const stopSignal = stopSignals(relay, logger);
+  await relay.start();
+  return await untilStopped(relay, logger, stopSignal);
+}
+
+/**
+ * Installs the signal handlers before the relay starts, so that no signal slips through (SIGHUP's
+ * default action would end the process): SIGHUP reconciles the catalog at once, and the promise
+ * resolves with the first SIGTERM or SIGINT.
+ */
+export function stopSignals(relay: Relay, logger: Logger): Promise<string> {
+  onSignal("SIGHUP", () => {
+    logger.info("SIGHUP: reloading pipelines");
+    // Before the coordinator starts, its first reconcile will read the catalog anyway.
+    if (relay.coordinator.started) void relay.coordinator.reconcile();
+  });
+  return new Promise<string>((resolve) => {
+    onSignal("SIGTERM", () => resolve("SIGTERM"));
+    onSignal("SIGINT", () => resolve("SIGINT"));
+  });
+}
+
+/** Waits for SIGTERM/SIGINT, then drains in-flight batches and stops (exit code 0). */
+export async function untilStopped(relay: Relay, logger: Logger, stopSignal: Promise<string>): Promise<number> {
+  const signal = await stopSignal;
+  logger.info(`${signal}: draining in-flight batches`);
+  await relay.stop();
+  return 0;
+}
+
+export function loggerFromFlags(format: string, level: string): Logger {
+  if (format !== "text" && format !== "json") {
+    throw new ConfigError(`--log-format must be "text" or "json" (got "${format}")`);
+  }
+  if (!isLogLevel(level)) throw new ConfigError(`--log-level must be debug, info, warn or error (got "${level}")`);
+  return createLogger({ format, level });
+}
+
+function positiveInt(flag: string, value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n <= 0) throw new ConfigError(`--${flag} must be a positive integer (got "${value}")`);
+  return n;
+}

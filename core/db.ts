@@ -1,0 +1,36 @@
+// Opens PostgreSQL connections the way every part of tide wants them: bigint ids as BigInt, notices
+// kept out of the output, and connection errors that name the server without its password.
+
+import postgres from "postgres";
+import { ConnectionError, toError } from "./errors.ts";
+import { redactText } from "./redact.ts";
+
+/** A client whose int8 values are BigInt (ids stay exact). */
+export type Sql = postgres.Sql<{ bigint: bigint }>;
+export type ReservedSql = postgres.ReservedSql<{ bigint: bigint }>;
+
+export interface ConnectOptions {
+  /** Pool size; the relay adds dedicated connections for locks and LISTEN on top. */
+  max?: number;
+  applicationName?: string;
+}
+
+export function connect(url: string, options: ConnectOptions = {}): Sql {
+  return postgres(url, {
+    max: options.max ?? 4,
+    types: { bigint: postgres.BigInt },
+    onnotice: () => {},
+    connection: { application_name: options.applicationName ?? "pg-tide" },
+  });
+}
+
+/** Fails fast with a readable error when the server cannot be reached. */
+export async function verifyConnection(sql: Sql, url: string): Promise<void> {
+  try {
+    await sql`SELECT 1`;
+  } catch (error) {
+    throw new ConnectionError(`cannot connect to PostgreSQL at ${redactText(url)}: ${toError(error).message}`, {
+      cause: error,
+    });
+  }
+}

@@ -1,0 +1,109 @@
+// The relay's HTTP surface (Hono): /metrics, /livez, /readyz and /health, /api/v1/pipelines, and a
+// small status page at /. Built as a plain Hono app so tests call app.request() without a port.
+
+import { Hono } from "hono";
+import type { Sql } from "./db.ts";
+import { toError } from "./errors.ts";
+import type { RelayMetrics } from "./metrics.ts";
+import { INGEST_PREFIX, type RouteTable } from "./routes.ts";
+import { redactText } from "./redact.ts";
+import { pipelineStatus, type PipelineStatus } from "./status.ts";
+import { renderStatusPage } from "./status_page.ts";
+
+export interface HttpDeps {
+  sql: Sql;
+  metrics: RelayMetrics;
+  relayGroupId: string;
+  relayId: string;
+  /** True while the coordinator runs (false before start and while stopping). */
+  coordinatorRunning(): boolean;
+  /** In-memory state of the pipelines this relay owns. */
+  owned(): { name: string; status: { healthy: boolean; attempt: number; lastError: string | null; circuit: string } }[];
+  /** Plugin routes under /ingest/ (webhook sources owned by this relay). */
+  routes?: RouteTable;
+}
+
+export interface ApiPipeline extends PipelineStatus {
+  owned_here: boolean;
+  throughput_per_second: number;
+  history: { at: string; messages: number; lag: number | null }[];
+}
+
+export const READY_TIMEOUT_MS = 2_000;
+
+export function createHttpApp(deps: HttpDeps): Hono {
+  const app = new Hono();
+
+  app.get("/livez", (c) => c.text("ok\n"));
+
+  app.all(`${INGEST_PREFIX}*`, async (c) => {
+    const handler = deps.routes?.find(new URL(c.req.url).pathname);
+    if (!handler) return c.text("no pipeline on this relay receives at this path\n", 404);
+    return await handler(c.req.raw);
+  });
+
+  const ready = async (c: any) => {
+    const problem = await readinessProblem(deps);
+    return problem ? c.text(`not ready: ${problem}\n`, 503) : c.text("ready\n");
+  };
+  app.get("/readyz", ready);
+  app.get("/health", ready);
+
+  app.get("/metrics", async (c) => {
+    const text = await deps.metrics.text();
+    return c.body(text, 200, { "Content-Type": deps.metrics.contentType });
+  });
+
+  app.get("/api/v1/pipelines", async (c) => {
+    try {
+      return c.json({ relay: deps.relayId, relay_group_id: deps.relayGroupId, pipelines: await apiPipelines(deps) });
+    } catch (error) {
+      return c.json({ error: redactText(toError(error).message) }, 503);
+    }
+  });
+
+  app.get("/", async (c) => {
+    let pipelines: ApiPipeline[] = [];
+    let error: string | undefined;
+    try {
+      pipelines = await apiPipelines(deps);
+    } catch (caught) {
+      error = redactText(toError(caught).message);
+    }
+    return c.html(renderStatusPage({ relayId: deps.relayId, relayGroupId: deps.relayGroupId, pipelines, error }));
+  });
+
+  return app;
+}
+
+async function apiPipelines(deps: HttpDeps): Promise<ApiPipeline[]> {
+  const rows = await pipelineStatus(deps.sql, deps.relayGroupId);
+  const owned = new Map(deps.owned().map((p) => [p.name, p.status]));
+  return rows.map((row) => {
+    const mine = owned.get(row.name);
+    return {
+      ...row,
+      // The owner's in-memory state is fresher than the last heartbeat.
+      healthy: mine ? mine.healthy : row.healthy,
+      retry_attempt: mine ? mine.attempt : row.retry_attempt,
+      circuit: mine ? mine.circuit : row.circuit,
+      last_error: row.last_error === null ? null : redactText(row.last_error),
+      owned_here: mine !== undefined,
+      throughput_per_second: Math.round(deps.metrics.throughput(row.name) * 100) / 100,
+      history: deps.metrics.history(row.name).map((p) => ({ at: new Date(p.at).toISOString(), messages: p.messages, lag: p.lag })),
+    };
+  });
+}
+
+async function readinessProblem(deps: HttpDeps): Promise<string | undefined> {
+  if (!deps.coordinatorRunning()) return "the coordinator is not running";
+  try {
+    await Promise.race([
+      deps.sql`SELECT 1`,
+      new Promise((_, reject) => setTimeout(() => reject(new Error("no answer within 2 s")), READY_TIMEOUT_MS)),
+    ]);
+  } catch (error) {
+    return `PostgreSQL is unreachable (${redactText(toError(error).message)})`;
+  }
+  return undefined;
+}

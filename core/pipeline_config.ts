@@ -1,0 +1,84 @@
+// A pipeline's config, checked once where it enters: the engine's keys (filter, event_id, retry)
+// are compiled, the rest goes to the plugin's own schema. Workers start from the result, and
+// `pg-tide check` runs the same code without connecting to anything.
+
+import { ConfigError } from "./errors.ts";
+import { compileFilter, type FilterFn, type FilterOptions } from "./filter.ts";
+import type { PipelineRow } from "./forward.ts";
+import { ENGINE_CONFIG_KEYS, type OutboxMessage, type PluginDefinition } from "./plugin.ts";
+import { type PluginRegistry, validatePluginConfig } from "./plugins.ts";
+import { compileTemplate } from "./template.ts";
+import { type Formatter, wireFormatter } from "./wire_format.ts";
+
+export interface PreparedPipeline {
+  definition: PluginDefinition;
+  /** The plugin's config, validated by its schema (defaults applied). */
+  pluginConfig: unknown;
+  filter?: FilterFn;
+  /** Reverse pipelines: renders the inbox event_id. */
+  eventId?: (message: OutboxMessage) => string;
+  /** Forward pipelines: reshapes each message's body (wire_format). */
+  format?: Formatter;
+}
+
+/** Keys of a reverse pipeline's config that the engine handles; the source never sees them. */
+export const REVERSE_ENGINE_KEYS = ["source_type", "batch_size", "transform", "event_id", "retry"];
+
+const RETRY_KEYS = ["initial_backoff_ms", "max_backoff_ms", "max_attempts"];
+
+export async function preparePipeline(
+  row: Pick<PipelineRow, "name" | "direction" | "plugin_type" | "config">,
+  registry: PluginRegistry,
+  filterOptions: FilterOptions = {},
+): Promise<PreparedPipeline> {
+  const where = `pipeline "${row.name}"`;
+  const kind = row.direction === "forward" ? "sink" : "source";
+  let definition: PluginDefinition;
+  try {
+    definition = registry.get(kind, row.plugin_type);
+  } catch (error) {
+    throw new ConfigError(`${where}: ${(error as Error).message}`);
+  }
+  const engineKeys: readonly string[] = kind === "sink" ? ENGINE_CONFIG_KEYS : REVERSE_ENGINE_KEYS;
+  const pluginInput = Object.fromEntries(Object.entries(row.config).filter(([key]) => !engineKeys.includes(key)));
+  const pluginConfig = await validatePluginConfig(definition, pluginInput, where);
+  const prepared: PreparedPipeline = { definition, pluginConfig };
+
+  const transform = row.config.transform;
+  if (transform !== undefined) {
+    if (typeof transform !== "object" || transform === null || Array.isArray(transform)) {
+      throw new ConfigError(`${where}: 'transform' must be an object like {"filter": "..."}`);
+    }
+    for (const key of Object.keys(transform)) {
+      if (key !== "filter") throw new ConfigError(`${where}: 'transform.${key}': unknown key (known: filter)`);
+    }
+    if (transform.filter !== undefined) {
+      if (typeof transform.filter !== "string") throw new ConfigError(`${where}: 'transform.filter' must be a CEL expression string`);
+      prepared.filter = compileFilter(transform.filter, `${where}: transform.filter`, filterOptions);
+    }
+  }
+  if (row.config.event_id !== undefined) {
+    if (kind !== "source") throw new ConfigError(`${where}: 'event_id' applies to reverse pipelines only`);
+    if (typeof row.config.event_id !== "string") throw new ConfigError(`${where}: 'event_id' must be a template string`);
+    prepared.eventId = compileTemplate(row.config.event_id);
+  }
+  const retry = row.config.retry;
+  if (retry !== undefined) {
+    if (typeof retry !== "object" || retry === null || Array.isArray(retry)) throw new ConfigError(`${where}: 'retry' must be an object`);
+    for (const [key, value] of Object.entries(retry)) {
+      if (!RETRY_KEYS.includes(key)) throw new ConfigError(`${where}: 'retry.${key}': unknown key (known: ${RETRY_KEYS.join(", ")})`);
+      if (!Number.isInteger(value) || (value as number) < 0) {
+        throw new ConfigError(`${where}: 'retry.${key}' must be a whole number of 0 or more (got ${JSON.stringify(value)})`);
+      }
+    }
+  }
+  if (row.config.wire_format !== undefined) {
+    if (kind !== "sink") throw new ConfigError(`${where}: 'wire_format' applies to forward pipelines only`);
+    prepared.format = wireFormatter(row.config.wire_format, row.name);
+  }
+  const onFailure = row.config.on_failure;
+  if (onFailure !== undefined && onFailure !== "dlq" && onFailure !== "pause") {
+    throw new ConfigError(`${where}: 'on_failure' must be "dlq" or "pause" (got ${JSON.stringify(onFailure)})`);
+  }
+  return prepared;
+}

@@ -1,0 +1,157 @@
+// The plugin contract: what every sink and source, built-in or drop-in, looks like to the engine.
+// A drop-in plugin file default-exports a PluginDefinition and imports nothing from tide itself:
+// everything it needs at run time (logger, error constructors, abort signal) arrives through ctx.
+
+import type { StandardSchemaV1 } from "@standard-schema/spec";
+
+export type PluginKind = "sink" | "source";
+
+/** One outbox message as a sink receives it. */
+export interface OutboxMessage {
+  /** Outbox row id: increasing, unique per database. */
+  id: bigint;
+  outbox: string;
+  topic: string | null;
+  payload: unknown;
+  headers: Record<string, unknown>;
+  /** Stable across redeliveries: `<outbox>:<id>`. Sinks pass it on as the broker's dedup key. */
+  dedupKey: string;
+  /** `headers.event_type`, else `payload.event_type`, else "event". */
+  eventType: string;
+  /** `headers.op`, else `payload.op`, else "publish" (table capture sets insert/update/delete). */
+  op: string;
+  createdAt: Date;
+}
+
+/** One message handed to the inbox by a source. */
+export interface InboundMessage {
+  /**
+   * The message's own id, when it carries one (`Nats-Msg-Id`, a Kafka `event_id`/`id` header,
+   * a CloudEvents `id`). The engine uses it as the inbox event_id unless the pipeline configures
+   * an `event_id` template.
+   */
+  eventId?: string;
+  /**
+   * Where the message sits in the transport, stable across redeliveries: `nats:seq-<stream seq>`,
+   * `kafka:<partition>-<offset>`. Without an eventId, the inbox event_id is `<inbox>:<transportId>`.
+   */
+  transportId: string;
+  payload: unknown;
+  headers: Record<string, unknown>;
+  /** Where it came from, e.g. `nats:payments.confirmed`. */
+  source: string;
+}
+
+/** A sink reports only the messages that failed; everything else in the batch was acknowledged. */
+export interface DeliveryFailure {
+  id: bigint;
+  error: Error;
+  /** false: retrying cannot help (bad payload, 4xx); the message goes to the DLQ at once. */
+  retriable: boolean;
+}
+
+export interface SinkInstance {
+  connect(): Promise<void>;
+  /**
+   * Resolves once the target acknowledged, with the messages that failed. A rejection means the
+   * whole batch failed and is always retried (the target is down); a message that retrying cannot
+   * fix must be reported as a failure with retriable: false, so it reaches the dead-letter queue.
+   */
+  publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]>;
+  close(): Promise<void>;
+  health?(): Promise<{ ok: boolean; detail?: string }>;
+}
+
+export interface SourceBatch {
+  messages: InboundMessage[];
+  /** Called only after the inbox rows are committed. */
+  ack(): Promise<void>;
+  /** Called when writing the batch failed; the source should arrange redelivery. */
+  nack?(error: Error): Promise<void>;
+}
+
+export interface SourceInstance {
+  connect(): Promise<void>;
+  /** Waits for the next batch (up to ctx.batchSize messages); resolves null when ctx.signal aborts. */
+  read(): Promise<SourceBatch | null>;
+  close(): Promise<void>;
+  health?(): Promise<{ ok: boolean; detail?: string }>;
+}
+
+/** Registers a handler for requests to `/ingest/<path>`; returns a function that removes it. */
+export interface HttpRoutes {
+  route(path: string, handler: (request: Request) => Promise<Response>): () => void;
+}
+
+export interface PluginLogger {
+  debug(message: string, fields?: Record<string, unknown>): void;
+  info(message: string, fields?: Record<string, unknown>): void;
+  warn(message: string, fields?: Record<string, unknown>): void;
+  error(message: string, fields?: Record<string, unknown>): void;
+}
+
+/** Error constructors handed to plugins so that they throw tide's typed errors without importing tide. */
+export interface PluginErrors {
+  /** A failure that may succeed on retry (network, 5xx, timeout). */
+  transient(message: string, cause?: unknown): Error;
+  /** A failure that retrying cannot fix (4xx, invalid payload). */
+  permanent(message: string, cause?: unknown): Error;
+  /** Invalid configuration. */
+  config(message: string): Error;
+}
+
+export interface PluginContext {
+  /** Pipeline name: use it in log lines and error messages. */
+  pipeline: string;
+  logger: PluginLogger;
+  errors: PluginErrors;
+  /** Aborted when the pipeline stops; long waits must honour it. */
+  signal: AbortSignal;
+  batchSize: number;
+  /** The relay's own database, for plugins that write back into it (the inbox sink). */
+  postgresUrl?: string;
+  /**
+   * Routes on the relay's HTTP server (--metrics-addr), for sources that receive requests (the
+   * webhook source). Absent when the relay serves no HTTP.
+   */
+  http?: HttpRoutes;
+  /** Renders `{outbox}`, `{topic}`, `{op}`, `{event_type}`, `{id}`, `{payload.a.b}`, `{headers.x}`. */
+  render(template: string, message: OutboxMessage): string;
+}
+
+interface DefinitionBase<Config> {
+  type: string;
+  summary: string;
+  /** Any Standard Schema validator (zod v4, valibot, arktype, ...). Unknown keys should be rejected. */
+  config: StandardSchemaV1<unknown, Config>;
+  /** A config that validates: shown by `pg-tide plugins`, checked by the contract tests. */
+  example: Record<string, unknown>;
+}
+
+export interface SinkDefinition<Config = any> extends DefinitionBase<Config> {
+  kind: "sink";
+  /** Pure: builds the instance, no I/O until connect(). */
+  create(config: Config, ctx: PluginContext): SinkInstance;
+}
+
+export interface SourceDefinition<Config = any> extends DefinitionBase<Config> {
+  kind: "source";
+  create(config: Config, ctx: PluginContext): SourceInstance;
+}
+
+export type PluginDefinition<Config = any> = SinkDefinition<Config> | SourceDefinition<Config>;
+
+/** Keys a forward pipeline config may carry that belong to the engine; they are removed before the sink sees the config. */
+export const ENGINE_CONFIG_KEYS = [
+  "sink_type",
+  "source_type",
+  "consumer_group",
+  "batch_size",
+  "poll_interval_ms",
+  "visibility_timeout_ms",
+  "auto_offset_reset",
+  "transform",
+  "retry",
+  "on_failure",
+  "wire_format",
+] as const;

@@ -1,0 +1,167 @@
+// The relay process: connects, checks the schema, registers plugin types in the catalog, runs the
+// coordinator, the metrics/status HTTP server and a retention sweep, and shuts down cleanly.
+
+import { hostname } from "node:os";
+import { Coordinator } from "./coordinator.ts";
+import { connect, type Sql, verifyConnection } from "./db.ts";
+import { ConfigError, toError } from "./errors.ts";
+import type { Logger } from "./log.ts";
+import { combineEvents, type RelayEvents } from "./events.ts";
+import { createHttpApp } from "./http.ts";
+import type { ManifestPipeline } from "./manifest.ts";
+import { syncManifestPipelines } from "./manifest_sync.ts";
+import { RelayMetrics } from "./metrics.ts";
+import { RouteTable } from "./routes.ts";
+import { PluginRegistry } from "./plugins.ts";
+import { type HttpServer, serve } from "./runtime.ts";
+import { SCHEMA_VERSION, schemaVersion } from "./schema.ts";
+
+export interface RelayOptions {
+  postgresUrl: string;
+  relayGroupId: string;
+  logger: Logger;
+  registry?: PluginRegistry;
+  maxPipelines?: number;
+  pollIntervalMs?: number;
+  reconcileIntervalMs?: number;
+  drainTimeoutMs?: number;
+  retentionIntervalMs?: number;
+  events?: RelayEvents;
+  /** Pipelines declared in a manifest, upserted into the catalog at start. */
+  pipelines?: ManifestPipeline[];
+  /** host:port for /metrics, /readyz, /api/v1/pipelines and the status page; unset: no server. */
+  metricsAddr?: string;
+}
+
+export const DEFAULT_POLL_INTERVAL_MS = 250;
+export const DEFAULT_RECONCILE_INTERVAL_MS = 2_000;
+export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
+export const DEFAULT_RETENTION_INTERVAL_MS = 60_000;
+
+export class Relay {
+  readonly relayId = `${hostname()}:${process.pid}`;
+  readonly sql: Sql;
+  readonly coordinator: Coordinator;
+  readonly metrics = new RelayMetrics();
+  readonly registry: PluginRegistry;
+  readonly routes = new RouteTable();
+  readonly #options: RelayOptions;
+  #retentionTimer: ReturnType<typeof setInterval> | undefined;
+  #server: HttpServer | undefined;
+
+  constructor(options: RelayOptions) {
+    this.#options = options;
+    this.registry = options.registry ?? new PluginRegistry();
+    this.sql = connect(options.postgresUrl, { max: 10, applicationName: `pg-tide relay ${options.relayGroupId}` });
+    this.coordinator = new Coordinator({
+      sql: this.sql,
+      postgresUrl: options.postgresUrl,
+      http: options.metricsAddr ? this.routes : undefined,
+      registry: this.registry,
+      logger: options.logger,
+      relayGroupId: options.relayGroupId,
+      relayId: this.relayId,
+      maxPipelines: options.maxPipelines ?? 1000,
+      pollIntervalMs: options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS,
+      reconcileIntervalMs: options.reconcileIntervalMs ?? DEFAULT_RECONCILE_INTERVAL_MS,
+      drainTimeoutMs: options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS,
+      events: combineEvents(this.metrics.events, options.events),
+    });
+  }
+
+  /** Start-up errors (no database, no schema, schema too new) end the process; later ones do not. */
+  async start(): Promise<void> {
+    const { logger } = this.#options;
+    if (this.#options.metricsAddr) this.#serve(this.#options.metricsAddr);
+    await verifyConnection(this.sql, this.#options.postgresUrl);
+    const version = await schemaVersion(this.sql);
+    if (version === 0) {
+      throw new ConfigError("the tide schema is not installed in this database; run: pg-tide install --postgres-url URL");
+    }
+    if (version > SCHEMA_VERSION) {
+      throw new ConfigError(`database schema tide is at version ${version}, newer than this pg-tide understands (${SCHEMA_VERSION})`);
+    }
+    if (version < SCHEMA_VERSION) {
+      throw new ConfigError(`database schema tide is at version ${version}; run pg-tide install to upgrade it to ${SCHEMA_VERSION}`);
+    }
+    await this.#registerPluginTypes();
+    if (this.#options.pipelines?.length) await syncManifestPipelines(this.sql, this.#options.pipelines, logger);
+    await this.coordinator.start();
+    this.metrics.attach({
+      lag: () => this.#ownedLag(),
+      health: () => new Map(this.coordinator.owned().map((p) => [p.name, p.status.healthy])),
+      ownedCount: () => this.coordinator.owned().length,
+    });
+    this.#retentionTimer = setInterval(() => void this.#sweep(), this.#options.retentionIntervalMs ?? DEFAULT_RETENTION_INTERVAL_MS);
+    logger.info("relay started", { relay_group_id: this.#options.relayGroupId, relay: this.relayId });
+  }
+
+  /** The port the HTTP server listens on (useful with port 0). */
+  get httpPort(): number | undefined {
+    return this.#server?.port;
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.#retentionTimer);
+    this.metrics.detach();
+    await this.coordinator.stop();
+    await this.#server?.stop();
+    await this.sql.end({ timeout: 5 });
+    this.#options.logger.info("relay stopped");
+  }
+
+  /** Drop-in plugin types must be in the catalog before pipelines can name them. */
+  async #registerPluginTypes(): Promise<void> {
+    for (const definition of this.registry.all()) {
+      await this.sql`SELECT tide.register_plugin_type(${definition.type}, ${definition.kind})`;
+    }
+  }
+
+  #serve(address: string): void {
+    const match = /^(.*):(\d+)$/.exec(address);
+    if (!match) throw new ConfigError(`--metrics-addr must be host:port (got "${address}")`);
+    const app = createHttpApp({
+      sql: this.sql,
+      metrics: this.metrics,
+      relayGroupId: this.#options.relayGroupId,
+      relayId: this.relayId,
+      coordinatorRunning: () => this.coordinator.running,
+      owned: () => this.coordinator.owned(),
+      routes: this.routes,
+    });
+    try {
+      this.#server = serve(app.fetch, match[1].replace(/^\[|\]$/g, "") || "0.0.0.0", Number(match[2]));
+    } catch (error) {
+      throw new ConfigError(`cannot serve metrics on ${address}: ${toError(error).message}`, { cause: error });
+    }
+    this.#options.logger.info("serving metrics and status", { address: `${match[1] || "0.0.0.0"}:${this.#server.port}` });
+  }
+
+  async #ownedLag(): Promise<Map<string, number>> {
+    const names = this.coordinator.owned().map((p) => p.name);
+    if (names.length === 0) return new Map();
+    const rows = await this.sql<{ name: string; lag: bigint }[]>`
+      SELECT p.name, tide.undelivered_count(g.outbox_name, g.low, g.high, g.cursor_id) AS lag
+        FROM tide.relay_pipelines p
+        JOIN tide.consumer_groups g ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group
+                                   AND g.relay_group_id = ${this.#options.relayGroupId}
+       WHERE p.name = ANY(${this.sql.array(names)}::text[])`;
+    return new Map(rows.map((row) => [row.name, Number(row.lag)]));
+  }
+
+  /** Bounded batches, so a large backlog of expired rows never holds a long lock. */
+  async #sweep(): Promise<void> {
+    try {
+      let deleted = 0;
+      for (let round = 0; round < 10; round++) {
+        const [{ n }] = await this.sql<{ n: bigint }[]>`SELECT tide.outbox_retention_sweep(NULL, 5000) AS n`;
+        deleted += Number(n);
+        if (Number(n) < 5000) break;
+      }
+      await this.sql`SELECT tide.inbox_retention_sweep(NULL, 5000)`;
+      if (deleted > 0) this.#options.logger.info("retention sweep", { deleted });
+    } catch (error) {
+      this.#options.logger.warn("retention sweep failed", { error: toError(error) });
+    }
+  }
+}

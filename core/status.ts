@@ -1,0 +1,59 @@
+// Pipeline status from the catalog: what `pg-tide status` prints and /api/v1/pipelines serves.
+
+import type { Sql } from "./db.ts";
+
+export interface PipelineStatus {
+  name: string;
+  direction: "forward" | "reverse";
+  enabled: boolean;
+  /** Sink type (forward) or source type (reverse). */
+  plugin_type: string;
+  outbox: string | null;
+  inbox: string | null;
+  consumer_group: string | null;
+  owner: string | null;
+  /** The owner's last heartbeat is recent (a few reconcile intervals). */
+  owner_alive: boolean;
+  heartbeat_at: Date | null;
+  healthy: boolean | null;
+  last_error: string | null;
+  last_error_at: Date | null;
+  retry_attempt: number;
+  /** closed, open (paused after repeated failures) or half-open (probing); null when not owned. */
+  circuit: string | null;
+  committed_offset: number | null;
+  delivered_total: number | null;
+  lag: number | null;
+  dlq_depth: number;
+}
+
+/** A heartbeat older than this means the owner is gone (the lock, not this, decides ownership). */
+export const OWNER_STALE_SECONDS = 30;
+
+export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<PipelineStatus[]> {
+  const rows = await sql`
+    SELECT p.name, p.direction, p.enabled, p.plugin_type, p.outbox_name AS outbox, p.inbox_name AS inbox,
+           p.consumer_group, s.owner_id AS owner,
+           coalesce(s.owner_id IS NOT NULL AND s.heartbeat_at > now() - make_interval(secs => ${OWNER_STALE_SECONDS}), false)
+             AS owner_alive,
+           s.heartbeat_at, s.healthy, s.last_error, s.last_error_at, coalesce(s.retry_attempt, 0) AS retry_attempt, s.circuit,
+           g.committed_offset, g.delivered_total,
+           CASE WHEN p.direction = 'forward' THEN
+             coalesce(tide.undelivered_count(p.outbox_name, g.low, g.high, g.cursor_id),
+                      tide.undelivered_count(p.outbox_name, d.low, d.high, d.cursor_id)) END AS lag,
+           (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth
+      FROM tide.relay_pipelines p
+      LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId}
+      LEFT JOIN tide.consumer_groups g
+        ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group AND g.relay_group_id = ${relayGroupId}
+      LEFT JOIN tide.consumer_groups d
+        ON d.outbox_name = p.outbox_name AND d.group_name = p.consumer_group AND d.relay_group_id = 'default'
+     ORDER BY p.name`;
+  return rows.map((row) => ({
+    ...(row as any),
+    committed_offset: row.committed_offset === null ? null : Number(row.committed_offset),
+    delivered_total: row.delivered_total === null ? null : Number(row.delivered_total),
+    lag: row.lag === null ? null : Number(row.lag),
+    dlq_depth: Number(row.dlq_depth),
+  }));
+}

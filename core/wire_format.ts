@@ -1,0 +1,75 @@
+// What a forward pipeline sends as the message body (`wire_format` in its config):
+//   payload      the payload itself; metadata travels in transport headers (the default)
+//   envelope     {id, dedup_key, outbox, topic, event_type, op, headers, payload, created_at}
+//   cloudevents  CloudEvents 1.0 structured JSON (id = dedup key, type = event type)
+//   sequin       {record, changes, action, metadata: {table_schema, table_name, commit_timestamp,
+//                consumer: {id, name}}}, the shape Sequin sends, for table-capture messages
+
+import { createHash } from "node:crypto";
+import { ConfigError } from "./errors.ts";
+import type { OutboxMessage } from "./plugin.ts";
+
+export const WIRE_FORMATS = ["payload", "envelope", "cloudevents", "sequin"] as const;
+export type WireFormat = (typeof WIRE_FORMATS)[number];
+
+export type Formatter = (message: OutboxMessage) => OutboxMessage;
+
+export function wireFormatter(format: unknown, pipeline: string): Formatter | undefined {
+  if (format === undefined || format === "payload") return undefined;
+  const consumer = { id: stableUuid(pipeline), name: pipeline };
+  switch (format) {
+    case "envelope":
+      return (m) => ({ ...m, payload: envelope(m) });
+    case "cloudevents":
+      return (m) => ({ ...m, payload: cloudEvent(m) });
+    case "sequin":
+      return (m) => ({ ...m, payload: sequin(m, consumer) });
+    default:
+      throw new ConfigError(
+        `pipeline "${pipeline}": 'wire_format' must be one of ${WIRE_FORMATS.join(", ")} (got ${JSON.stringify(format)})`,
+      );
+  }
+}
+
+function envelope(m: OutboxMessage) {
+  return {
+    id: String(m.id), dedup_key: m.dedupKey, outbox: m.outbox, topic: m.topic, event_type: m.eventType, op: m.op,
+    headers: m.headers, payload: m.payload, created_at: new Date(m.createdAt).toISOString(),
+  };
+}
+
+function cloudEvent(m: OutboxMessage) {
+  return {
+    specversion: "1.0",
+    id: m.dedupKey,
+    source: `/tide/outbox/${m.outbox}`,
+    type: m.eventType,
+    ...(m.topic ? { subject: m.topic } : {}),
+    time: new Date(m.createdAt).toISOString(),
+    datacontenttype: "application/json",
+    data: m.payload,
+  };
+}
+
+function sequin(m: OutboxMessage, consumer: { id: string; name: string }) {
+  const payload = (m.payload ?? {}) as Record<string, unknown>;
+  const captured = typeof payload === "object" && "record" in payload;
+  const [schema, table] = (m.topic ?? "").includes(".") ? m.topic!.split(".", 2) : [undefined, m.topic];
+  return {
+    record: captured ? payload.record : payload,
+    changes: captured ? payload.changes ?? null : null,
+    action: captured ? payload.action : m.op,
+    metadata: {
+      table_schema: m.headers.table_schema ?? schema ?? null,
+      table_name: m.headers.table_name ?? table ?? null,
+      commit_timestamp: new Date(m.createdAt).toISOString(),
+      consumer,
+    },
+  };
+}
+
+/** A UUID-shaped id that stays the same for a pipeline name (consumer.id in the sequin format). */
+function stableUuid(name: string): string {
+  const h = createHash("sha256").update(`tide-pipeline:${name}`).digest("hex");
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-5${h.slice(13, 16)}-${((parseInt(h[16], 16) & 3) | 8).toString(16)}${h.slice(17, 20)}-${h.slice(20, 32)}`;
+}

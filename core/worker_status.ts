@@ -1,0 +1,66 @@
+// The health a pipeline worker reports: counters, the last error, the retry attempt that drives its
+// backoff, and a circuit breaker. Shared by forward and reverse workers.
+//
+// Circuit breaker: after CIRCUIT_THRESHOLD consecutive failures the circuit opens and the worker
+// stops hammering the target: it waits the full cooldown (the policy's maximum backoff) and then
+// makes one probe attempt (half-open). Success closes the circuit; another failure opens it again.
+
+import type { RelayEvents } from "./events.ts";
+import { toError } from "./errors.ts";
+import type { Logger } from "./log.ts";
+import { backoffDelay, type BackoffPolicy, DEFAULT_BACKOFF } from "./backoff.ts";
+
+export const CIRCUIT_THRESHOLD = 5;
+export type CircuitState = "closed" | "open" | "half-open";
+
+export class WorkerStatus {
+  healthy = true;
+  lastError: string | null = null;
+  lastErrorAt: Date | null = null;
+  /** Consecutive failed attempts; 0 after a success. */
+  attempt = 0;
+  delivered = 0;
+  filtered = 0;
+  deadLettered = 0;
+  failures = 0;
+  circuit: CircuitState = "closed";
+
+  constructor(
+    private readonly pipeline: string,
+    private readonly direction: "forward" | "reverse",
+    private readonly log: Logger,
+    private readonly events?: RelayEvents,
+  ) {}
+
+  /** Records a failed attempt (it will be retried) and logs it with its scope. */
+  fail(error: unknown, what: string, fields: Record<string, unknown> = {}): void {
+    const err = toError(error);
+    this.healthy = false;
+    this.attempt += 1;
+    this.failures += 1;
+    this.lastError = err.message;
+    this.lastErrorAt = new Date();
+    this.log.warn(what, { ...fields, attempt: this.attempt, error: err });
+    this.events?.failed?.(this.pipeline, this.direction, err);
+    if (this.circuit === "half-open" || (this.circuit === "closed" && this.attempt >= CIRCUIT_THRESHOLD)) {
+      if (this.circuit === "closed") this.log.warn("circuit opened: attempts paused between probes", { failures: this.attempt });
+      this.circuit = "open";
+    }
+  }
+
+  /** How long to wait before the next attempt. An open circuit waits the cooldown, then probes once. */
+  retryDelay(policy: BackoffPolicy = DEFAULT_BACKOFF): number {
+    if (this.circuit === "open") {
+      this.circuit = "half-open";
+      return policy.maxMs;
+    }
+    return backoffDelay(this.attempt, policy);
+  }
+
+  succeed(): void {
+    if (!this.healthy) this.log.info("pipeline recovered", { after_attempts: this.attempt });
+    this.healthy = true;
+    this.attempt = 0;
+    this.circuit = "closed";
+  }
+}

@@ -1,0 +1,2 @@
+// kafkajs-snappy, imported by codecs.ts, ships no types of its own.
+declare module "kafkajs-snappy";

@@ -1,0 +1,229 @@
+// Sink "nats": publishes each outbox message (body = JSON payload) to a subject or a rendered
+// subject_template. Where a JetStream stream stores the subject, it publishes through JetStream and
+// waits for the PubAck, with Nats-Msg-Id = the dedup key so the stream drops redeliveries; elsewhere
+// it publishes on core NATS and flushes (the server got it; core NATS keeps no copy).
+
+import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import { jetstream, type JetStreamClient, type JetStreamManager, type PubAck } from "@nats-io/jetstream";
+import { z } from "zod";
+import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
+import { checkAuth, connectionShape, connectNats, findStream, flushWithin, isPublishSubject, openManager } from "./connection.ts";
+import { PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+
+const configSchema = z
+  .strictObject({
+    ...connectionShape,
+    subject: z
+      .string()
+      .refine((s) => !s.includes("{"), { error: "has a placeholder: use 'subject_template' for per-message subjects", abort: true })
+      .refine(isPublishSubject, "must be a NATS subject without wildcards (e.g. \"orders.events\")")
+      .optional(),
+    /** Per-message subject, e.g. `events.orders.{op}`. */
+    subject_template: z.string().min(1).optional(),
+    /** auto: JetStream where a stream stores the subject, else core; jetstream: a stream is required; core: never JetStream. */
+    mode: z.enum(["auto", "jetstream", "core"]).default("auto"),
+    /** How long to wait for a PubAck (and for JetStream API calls). */
+    timeout_ms: z.number().int().positive().default(5_000),
+  })
+  .superRefine((config, issues) => {
+    const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
+    if (!config.subject && !config.subject_template) problem("subject", "required unless 'subject_template' is set");
+    if (config.subject && config.subject_template) problem("subject_template", "cannot be combined with 'subject'");
+    checkAuth(config, problem);
+  });
+
+export type NatsSinkConfig = z.output<typeof configSchema>;
+
+export const natsSink: SinkDefinition<NatsSinkConfig> = {
+  type: "nats",
+  kind: "sink",
+  summary: "Publishes each message to a NATS subject; JetStream with PubAck and dedup where a stream stores it",
+  config: configSchema,
+  example: { url: "nats://localhost:4222", subject_template: "events.orders.{op}", mode: "auto" },
+  create: createNatsSink,
+};
+
+/** How long "no stream stores this subject" is believed before asking again (a stream may be added). */
+const NO_STREAM_RECHECK_MS = 60_000;
+/** The same in mode "jetstream", where messages wait for that stream: asked again on every retry. */
+const MISSING_STREAM_RECHECK_MS = 0;
+/** Subjects whose route is remembered; templates can render many. */
+const ROUTE_CACHE_SIZE = 10_000;
+
+type Route = "jetstream" | "core";
+
+interface Planned {
+  message: OutboxMessage;
+  subject: string;
+  route: Route;
+}
+
+function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
+  const where = `nats sink "${ctx.pipeline}"`;
+  // Surface an unknown placeholder now, as a config error, rather than on the first message.
+  if (config.subject_template) ctx.render(config.subject_template, PROBE_MESSAGE);
+  const encoder = new TextEncoder();
+  const routes = new Map<string, { route: Route | "missing"; until: number }>();
+  let nc: NatsConnection | undefined;
+  let js: JetStreamClient | undefined;
+  let jsm: JetStreamManager | undefined;
+  let closing: Promise<void> | undefined;
+
+  const failure = (message: OutboxMessage, retriable: boolean, text: string, cause?: unknown): DeliveryFailure => ({
+    id: message.id,
+    error: (retriable ? ctx.errors.transient : ctx.errors.permanent)(`${where}: message ${message.id}: ${text}`, cause),
+    retriable,
+  });
+
+  /** Where a subject goes, asked once per subject (JetStream API round trip) and remembered. */
+  async function routeOf(subject: string): Promise<Route | "missing"> {
+    if (config.mode === "core") return "core";
+    const known = routes.get(subject);
+    if (known && known.until > Date.now()) return known.route;
+    let found;
+    try {
+      found = await findStream(jsm, subject);
+    } catch (error) {
+      throw ctx.errors.transient(`${where}: cannot ask JetStream which stream stores "${subject}": ${messageOf(error)}`, error);
+    }
+    const route = "none" in found ? (config.mode === "jetstream" ? "missing" : "core") : "jetstream";
+    if (routes.size >= ROUTE_CACHE_SIZE) routes.delete(routes.keys().next().value as string);
+    const recheck = route === "missing" ? MISSING_STREAM_RECHECK_MS : NO_STREAM_RECHECK_MS;
+    routes.set(subject, { route, until: route === "jetstream" ? Infinity : Date.now() + recheck });
+    return route;
+  }
+
+  function headersFor(message: OutboxMessage): MsgHdrs {
+    const h = natsHeaders();
+    for (const [name, value] of Object.entries(message.headers)) {
+      if (typeof value !== "string") continue;
+      try {
+        h.set(name, value.replace(/[\r\n]+/g, " "));
+      } catch {
+        ctx.logger.debug(`${where}: header "${name}" is not a valid NATS header name; not sent`, { id: message.id.toString() });
+      }
+    }
+    h.set("Tide-Event-Type", message.eventType);
+    h.set("Tide-Outbox", message.outbox);
+    h.set("Tide-Message-Id", message.id.toString());
+    // JetStream dedups on it; core subscribers (and the nats source) can use it as the event id.
+    h.set("Nats-Msg-Id", message.dedupKey);
+    return h;
+  }
+
+  async function plan(batch: OutboxMessage[], failures: DeliveryFailure[]): Promise<Planned[]> {
+    const planned: Planned[] = [];
+    let blockedBy: OutboxMessage | undefined;
+    for (const message of batch) {
+      if (blockedBy) {
+        // Order: nothing after a message that waits for a stream goes out before it.
+        failures.push(failure(message, true, `held back behind message ${blockedBy.id}, which waits for a stream`));
+        continue;
+      }
+      let subject: string;
+      try {
+        subject = config.subject ?? ctx.render(config.subject_template!, message);
+      } catch (error) {
+        failures.push(failure(message, false, `cannot render subject_template: ${messageOf(error)}`, error));
+        continue;
+      }
+      if (!isPublishSubject(subject)) {
+        failures.push(failure(message, false, `"${subject}" (from "${config.subject_template}") is not a valid NATS subject`));
+        continue;
+      }
+      const route = await routeOf(subject);
+      if (route === "missing") {
+        // A stream may be created later: keep the message in the outbox and retry, as for a fixed subject.
+        failures.push(failure(message, true, `no JetStream stream stores subject "${subject}" (mode "jetstream")`));
+        blockedBy = message;
+        continue;
+      }
+      planned.push({ message, subject, route });
+    }
+    return planned;
+  }
+
+  return {
+    async connect() {
+      if (closing) throw ctx.errors.transient(`${where}: closed`);
+      if (nc) return;
+      const connection = await connectNats(config, ctx, where);
+      try {
+        if (config.mode !== "core") {
+          js = jetstream(connection, { timeout: config.timeout_ms });
+          jsm = await openManager(connection, config.timeout_ms, config.mode, where, ctx);
+          if (config.subject && config.mode === "jetstream") {
+            const found = await findStream(jsm, config.subject);
+            if ("none" in found) throw ctx.errors.config(`${where}: 'subject': ${found.none} (mode "jetstream")`);
+          }
+        }
+      } catch (error) {
+        await connection.close().catch(() => {});
+        throw error;
+      }
+      nc = connection;
+    },
+
+    async publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
+      if (batch.length === 0) return [];
+      if (!nc || nc.isClosed()) throw ctx.errors.transient(`${where}: not connected`);
+      const failures: DeliveryFailure[] = [];
+      const planned = await plan(batch, failures);
+      // Everything goes out at once, in order, on one connection; then the acks are collected.
+      const sent: { item: Planned; ack?: Promise<PubAck>; error?: unknown }[] = [];
+      for (const item of planned) {
+        const data = encoder.encode(toJson(item.message.payload));
+        const h = headersFor(item.message);
+        try {
+          if (item.route === "jetstream") {
+            const ack = js!.publish(item.subject, data, { msgID: item.message.dedupKey, headers: h, timeout: config.timeout_ms });
+            ack.catch(() => {});
+            sent.push({ item, ack });
+          } else {
+            nc.publish(item.subject, data, { headers: h });
+            sent.push({ item });
+          }
+        } catch (error) {
+          sent.push({ item, error });
+        }
+      }
+      let flushError: unknown;
+      if (sent.some((s) => s.item.route === "core" && s.error === undefined)) {
+        await flushWithin(nc, config.timeout_ms).catch((error) => (flushError = error));
+      }
+      let broken: { id: bigint; error: unknown } | undefined;
+      for (const { item, ack, error: sendError } of sent) {
+        let error = sendError ?? (item.route === "core" ? flushError : undefined);
+        if (ack) error = await ack.then(() => undefined, (e) => e);
+        if (broken) {
+          // Later messages would land before the failed one on retry: fail them too (the stream drops the repeats).
+          failures.push(failure(item.message, true, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`));
+          continue;
+        }
+        if (error === undefined) continue;
+        if (/max.?payload/i.test(messageOf(error))) {
+          failures.push(failure(item.message, false, `too large for the NATS server: ${messageOf(error)}`, error));
+          continue;
+        }
+        if (item.route === "jetstream") routes.delete(item.subject); // the stream may be gone: ask again
+        const what = item.route === "jetstream" ? `JetStream publish to "${item.subject}" got no PubAck` : `publish to "${item.subject}" failed`;
+        failures.push(failure(item.message, true, `${what}: ${messageOf(error)}`, error));
+        broken = { id: item.message.id, error };
+      }
+      return failures;
+    },
+
+    async close() {
+      closing ??= (async () => {
+        const current = nc;
+        nc = undefined;
+        await current?.drain().catch(() => current.close().catch(() => {}));
+      })();
+      await closing;
+    },
+
+    health() {
+      return Promise.resolve(!nc || nc.isClosed() ? { ok: false, detail: "not connected" } : { ok: true });
+    },
+  };
+}

@@ -1,0 +1,23 @@
+// The built-in plugins. They go through the same loader and contract tests as drop-in plugins;
+// adding one is an import and an entry below.
+
+import type { PluginDefinition } from "../core/plugin.ts";
+import file from "./file/index.ts";
+import inbox from "./inbox/index.ts";
+import { kafkaSink, kafkaSource } from "./kafka/index.ts";
+import { natsSink, natsSource } from "./nats/index.ts";
+import stdout from "./stdout/index.ts";
+import webhook from "./webhook/index.ts";
+import { webhookSource } from "./webhook/source.ts";
+
+export const builtinPlugins: PluginDefinition[] = [
+  stdout,
+  file,
+  webhook,
+  inbox,
+  kafkaSink,
+  natsSink,
+  webhookSource,
+  kafkaSource,
+  natsSource,
+];

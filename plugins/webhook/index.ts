@@ -1,0 +1,306 @@
+// Sink "webhook": delivers messages as HTTP requests, one per message (in order) or one per batch.
+// 2xx acknowledges; 408, 429, 5xx, network errors and timeouts are worth a retry; any other
+// answer is permanent and sends the message to the DLQ.
+
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { z } from "zod";
+import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
+import { createSigner, secretBytes } from "./sign.ts";
+import { PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+
+const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
+
+const configSchema = z
+  .strictObject({
+    url: z.url({ protocol: /^https?$/, error: "must be an http(s) URL" }).optional(),
+    /** Per-message URL, e.g. `https://hooks.example.com/{event_type}`; single mode only. */
+    url_template: z.string().min(1).optional(),
+    method: z.enum(["POST", "PUT"]).default("POST"),
+    headers: z
+      .record(
+        z.string().regex(HEADER_NAME, "must be a valid HTTP header name"),
+        z.string().regex(HEADER_VALUE, "must be Latin-1 text without line breaks"),
+      )
+      .default({}),
+    timeout_ms: z.number().int().positive().default(10_000),
+    mode: z.enum(["single", "batch"]).default("single"),
+    signing: z
+      .strictObject({
+        scheme: z.enum(["hmac-sha256", "standard-webhooks"]),
+        secret: z.string().min(1),
+        header: z.string().regex(HEADER_NAME, "must be a valid HTTP header name").optional(),
+      })
+      .optional(),
+    /** Refuse targets that are, or resolve to, loopback/private/link-local addresses. */
+    ssrf_guard: z.boolean().default(false),
+  })
+  .superRefine((config, issues) => {
+    const problem = (path: string[], message: string) => issues.addIssue({ code: "custom", path, message });
+    if (!config.url && !config.url_template) problem(["url"], "required unless 'url_template' is set");
+    if (config.url && config.url_template) problem(["url_template"], "cannot be combined with 'url'");
+    if (config.url_template && config.mode === "batch") {
+      problem(["url_template"], "needs mode \"single\": a batch goes to one URL");
+    }
+    if (config.signing?.header && config.signing.scheme !== "hmac-sha256") {
+      problem(["signing", "header"], "applies to scheme \"hmac-sha256\" only");
+    }
+    if (config.signing) {
+      try {
+        secretBytes(config.signing.scheme, config.signing.secret);
+      } catch (error) {
+        problem(["signing", "secret"], (error as Error).message);
+      }
+    }
+  });
+
+export type WebhookConfig = z.output<typeof configSchema>;
+
+const webhookSink: SinkDefinition<WebhookConfig> = {
+  type: "webhook",
+  kind: "sink",
+  summary: "POSTs each message (or each batch) to an HTTP endpoint, optionally signed",
+  config: configSchema,
+  example: {
+    url: "https://hooks.example.com/orders",
+    mode: "single",
+    timeout_ms: 10000,
+    signing: { scheme: "standard-webhooks", secret: "whsec_c2VjcmV0LWZvci10aGUtZXhhbXBsZQ==" },
+  },
+  create: createWebhookSink,
+};
+
+export default webhookSink;
+
+interface Failure {
+  error: Error;
+  retriable: boolean;
+}
+
+function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
+  const where = `webhook sink "${ctx.pipeline}"`;
+  const sign = config.signing ? createSigner(config.signing) : undefined;
+  // close() aborts requests in flight; ctx.signal does the same when the pipeline stops.
+  const closing = new AbortController();
+  // Surface an unknown placeholder now, as a config error, rather than on the first message.
+  if (config.url_template) ctx.render(config.url_template, PROBE_MESSAGE);
+
+  const transient = (message: string, cause?: unknown): Failure => ({
+    error: ctx.errors.transient(`${where}: ${message}`, cause),
+    retriable: true,
+  });
+  const permanent = (message: string, cause?: unknown): Failure => ({
+    error: ctx.errors.permanent(`${where}: ${message}`, cause),
+    retriable: false,
+  });
+
+  async function send(rawUrl: string, body: string, headers: Headers, messageId: string): Promise<Failure | undefined> {
+    let url: URL;
+    try {
+      url = new URL(rawUrl);
+      if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error(`unsupported scheme ${url.protocol}`);
+      if (sign) for (const [name, value] of Object.entries(await sign(body, messageId, unixSeconds()))) headers.set(name, value);
+    } catch (error) {
+      // The URL may carry credentials, and this message ends up in logs and the DLQ.
+      const shown = rawUrl.replace(/\/\/[^/?#]*@/, "//***@");
+      return permanent(`cannot build the request for ${shown}: ${messageOf(error)}`, error);
+    }
+    moveCredentialsToHeader(url, headers);
+    const target = `${config.method} ${url.origin}${url.pathname}`;
+    if (config.ssrf_guard) {
+      const refusal = await guardTarget(url.hostname, target);
+      if (refusal) return refusal;
+    }
+    const timeout = AbortSignal.timeout(config.timeout_ms);
+    let response: Response;
+    try {
+      response = await fetch(url, {
+        method: config.method,
+        headers,
+        body,
+        // A followed 301/302 would turn the POST into a GET and drop the body; say so instead.
+        redirect: "manual",
+        signal: AbortSignal.any([ctx.signal, closing.signal, timeout]),
+      });
+    } catch (error) {
+      if (timeout.aborted) return transient(`${target}: no response within ${config.timeout_ms} ms`, error);
+      if (ctx.signal.aborted || closing.signal.aborted) return transient(`${target}: aborted, sink stopping`, error);
+      return transient(`${target} failed: ${messageOf(error)}`, error);
+    }
+    const status = response.status;
+    if (status >= 200 && status < 300) {
+      await response.body?.cancel().catch(() => {});
+      return undefined;
+    }
+    const answer = `${target} answered ${status}${await bodySnippet(response)}`;
+    if (status === 408 || status === 429 || status >= 500) return transient(answer);
+    return permanent(status >= 300 && status < 400 ? `${answer} (redirects are not followed)` : answer);
+  }
+
+  async function guardTarget(hostname: string, target: string): Promise<Failure | undefined> {
+    const host = hostname.replace(/^\[(.*)\]$/, "$1");
+    let addresses: string[];
+    try {
+      addresses = isIP(host) ? [host] : (await lookup(host, { all: true })).map((entry) => entry.address);
+    } catch (error) {
+      return transient(`${target}: cannot resolve ${host}: ${messageOf(error)}`, error);
+    }
+    // The request resolves the name again; a hostile DNS server could answer differently then.
+    // This guard stops configuration mistakes and naive SSRF, not DNS rebinding.
+    const blocked = addresses.find(isPrivateAddress);
+    if (blocked === undefined) return undefined;
+    return permanent(`${target}: refused by ssrf_guard, ${host} is a private or loopback address (${blocked})`);
+  }
+
+  async function publishSingle(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
+    const failures: DeliveryFailure[] = [];
+    for (const [index, message] of batch.entries()) {
+      const failure = await sendOne(message);
+      if (!failure) continue;
+      failures.push({ id: message.id, ...failure });
+      if (!failure.retriable) continue;
+      // Stop here: sending later messages would deliver them before this one on retry.
+      for (const later of batch.slice(index + 1)) {
+        const error = ctx.errors.transient(
+          `${where}: not sent because message ${message.id} before it failed: ${failure.error.message}`,
+          failure.error,
+        );
+        failures.push({ id: later.id, error, retriable: true });
+      }
+      break;
+    }
+    return failures;
+  }
+
+  async function sendOne(message: OutboxMessage): Promise<Failure | undefined> {
+    let url: string;
+    try {
+      url = config.url ?? ctx.render(config.url_template!, message);
+    } catch (error) {
+      return permanent(`url_template "${config.url_template}" failed for message ${message.id}: ${messageOf(error)}`, error);
+    }
+    const headers = baseHeaders(message.dedupKey, message.outbox);
+    headers.set("X-Tide-Event-Type", headerSafe(message.eventType));
+    headers.set("X-Tide-Message-Id", message.id.toString());
+    return send(url, toJson(message.payload), withStaticHeaders(headers), message.dedupKey);
+  }
+
+  async function publishBatch(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
+    const first = batch[0]!;
+    const last = batch[batch.length - 1]!;
+    const idempotencyKey = `${first.dedupKey}..${last.id}`;
+    const body = toJson(
+      batch.map((m) => ({
+        id: m.id.toString(),
+        dedup_key: m.dedupKey,
+        topic: m.topic,
+        event_type: m.eventType,
+        headers: m.headers,
+        payload: m.payload,
+      })),
+    );
+    const headers = withStaticHeaders(baseHeaders(idempotencyKey, first.outbox));
+    const failure = await send(config.url!, body, headers, idempotencyKey);
+    if (!failure) return [];
+    // A rejection means "retry the whole batch"; a refusal that retrying cannot fix is reported
+    // for every message instead, so that the batch reaches the DLQ rather than blocking the pipeline.
+    if (failure.retriable) throw failure.error;
+    return batch.map((m) => ({ id: m.id, error: failure.error, retriable: false }));
+  }
+
+  function withStaticHeaders(headers: Headers): Headers {
+    // Configured headers win over tide's defaults (e.g. a different Content-Type).
+    for (const [name, value] of Object.entries(config.headers)) headers.set(name, value);
+    return headers;
+  }
+
+  return {
+    async connect() {},
+    async publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
+      if (batch.length === 0) return [];
+      return config.mode === "batch" ? publishBatch(batch) : publishSingle(batch);
+    },
+    async close() {
+      closing.abort();
+    },
+  };
+}
+
+function baseHeaders(idempotencyKey: string, outbox: string): Headers {
+  return new Headers({
+    "Content-Type": "application/json",
+    "Idempotency-Key": headerSafe(idempotencyKey),
+    "X-Tide-Outbox": headerSafe(outbox),
+  });
+}
+
+// `https://user:pass@host` would make fetch throw on some runtimes: send it as Basic auth instead.
+function moveCredentialsToHeader(url: URL, headers: Headers): void {
+  if (!url.username && !url.password) return;
+  const credentials = `${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`;
+  const bytes = new TextEncoder().encode(credentials);
+  if (!headers.has("Authorization")) headers.set("Authorization", `Basic ${btoa(String.fromCharCode(...bytes))}`);
+  url.username = "";
+  url.password = "";
+}
+
+/** Loopback, private, link-local, CGNAT, unspecified and multicast ranges, IPv4 and IPv6. */
+export function isPrivateAddress(address: string): boolean {
+  const ip = address.replace(/%.*$/, "").toLowerCase();
+  if (isIP(ip) === 4) return isPrivateIPv4(ip.split(".").map(Number));
+  const groups = expandIPv6(ip);
+  if (!groups) return true; // unparseable: refuse rather than guess
+  const [g0, g1, g2, g3, g4, g5, g6, g7] = groups as [number, number, number, number, number, number, number, number];
+  if (g0 === 0 && g1 === 0 && g2 === 0 && g3 === 0 && g4 === 0 && (g5 === 0xffff || g5 === 0)) {
+    if (g5 === 0 && g6 === 0) return true; // :: and ::1 (and the deprecated IPv4-compatible range)
+    return isPrivateIPv4([g6 >> 8, g6 & 0xff, g7 >> 8, g7 & 0xff]); // IPv4-mapped
+  }
+  return (g0 & 0xfe00) === 0xfc00 || (g0 & 0xffc0) === 0xfe80 || (g0 & 0xff00) === 0xff00;
+}
+
+function isPrivateIPv4([a, b]: number[]): boolean {
+  if (a === undefined || b === undefined) return true;
+  return (
+    a === 0 || a === 10 || a === 127 || a >= 224 ||
+    (a === 100 && b >= 64 && b < 128) ||
+    (a === 169 && b === 254) ||
+    (a === 172 && b >= 16 && b < 32) ||
+    (a === 192 && b === 168)
+  );
+}
+
+function expandIPv6(ip: string): number[] | undefined {
+  let text = ip;
+  const dotted = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (dotted) {
+    const [a, b, c, d] = dotted[1]!.split(".").map(Number) as [number, number, number, number];
+    text = `${text.slice(0, dotted.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [head, tail, extra] = text.split("::");
+  if (extra !== undefined) return undefined;
+  const left = head ? head.split(":") : [];
+  const right = tail ? tail.split(":") : [];
+  const missing = 8 - left.length - right.length;
+  if (tail === undefined ? missing !== 0 : missing < 1) return undefined;
+  const groups = [...left, ...Array<string>(tail === undefined ? 0 : missing).fill("0"), ...right];
+  return groups.every((g) => /^[0-9a-f]{1,4}$/.test(g)) ? groups.map((g) => parseInt(g, 16)) : undefined;
+}
+
+// Header values must be Latin-1 without control characters; beyond printable ASCII, percent-encode.
+function headerSafe(value: string): string {
+  return /^[\x20-\x7e]*$/.test(value) ? value : encodeURIComponent(value);
+}
+
+async function bodySnippet(response: Response): Promise<string> {
+  try {
+    const text = (await response.text()).trim();
+    return text ? `: ${text.length > 200 ? `${text.slice(0, 200)}…` : text}` : "";
+  } catch {
+    return "";
+  }
+}
+
+function unixSeconds(): number {
+  return Math.floor(Date.now() / 1000);
+}

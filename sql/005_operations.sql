@@ -1,0 +1,230 @@
+-- 005: operations: dropping and rewinding, retention, the forward dead-letter queue, status.
+
+CREATE FUNCTION tide.outbox_drop(p_name text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_pipeline text;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_name) THEN
+    RAISE EXCEPTION 'outbox "%" does not exist', p_name USING ERRCODE = 'undefined_object';
+  END IF;
+  SELECT name INTO v_pipeline FROM tide.relay_pipelines WHERE outbox_name = p_name LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'outbox "%" is used by pipeline "%"', p_name, v_pipeline
+      USING ERRCODE = 'dependent_objects_still_exist', HINT = 'delete the pipeline first with tide.relay_delete';
+  END IF;
+  DELETE FROM tide.outbox_messages WHERE outbox = p_name;
+  DELETE FROM tide.outboxes WHERE name = p_name; -- consumer groups go with it
+END $$;
+
+CREATE FUNCTION tide.drop_consumer_group(p_group text, p_outbox text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_pipeline text;
+BEGIN
+  SELECT name INTO v_pipeline FROM tide.relay_pipelines WHERE outbox_name = p_outbox AND consumer_group = p_group;
+  IF FOUND THEN
+    RAISE EXCEPTION 'consumer group "%" on outbox "%" is used by pipeline "%"', p_group, p_outbox, v_pipeline
+      USING ERRCODE = 'dependent_objects_still_exist';
+  END IF;
+  DELETE FROM tide.consumer_groups WHERE outbox_name = p_outbox AND group_name = p_group;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'consumer group "%" does not exist on outbox "%"', p_group, p_outbox USING ERRCODE = 'undefined_object';
+  END IF;
+END $$;
+
+-- Moves a group back so that every message with an id above p_to_id (or created at or after
+-- p_to_time) is delivered again, in id order. Guarded: a group whose pipeline is enabled is only
+-- rewound with p_force, since its relay may be mid-batch. Returns how many messages will be redelivered.
+CREATE FUNCTION tide.consumer_group_rewind(p_group text, p_outbox text, p_to_id bigint DEFAULT NULL,
+                                           p_to_time timestamptz DEFAULT NULL, p_force boolean DEFAULT false,
+                                           p_relay_group_id text DEFAULT 'default')
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_pipeline text;
+  v_high pg_snapshot := pg_current_snapshot();
+  v_cursor bigint;
+  v_max bigint;
+BEGIN
+  IF (p_to_id IS NULL) = (p_to_time IS NULL) THEN
+    RAISE EXCEPTION 'consumer group "%": give exactly one of p_to_id and p_to_time', p_group
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  PERFORM 1 FROM tide.consumer_groups
+   WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'consumer group "%" does not exist on outbox "%"', p_group, p_outbox USING ERRCODE = 'undefined_object';
+  END IF;
+  SELECT name INTO v_pipeline FROM tide.relay_pipelines
+   WHERE outbox_name = p_outbox AND consumer_group = p_group AND enabled;
+  IF FOUND AND NOT p_force THEN
+    RAISE EXCEPTION 'consumer group "%" is in use by enabled pipeline "%"', p_group, v_pipeline
+      USING ERRCODE = 'object_in_use',
+            HINT = 'disable the pipeline first (tide.relay_disable), or pass p_force := true';
+  END IF;
+  v_cursor := coalesce(p_to_id,
+    (SELECT min(id) - 1 FROM tide.outbox_messages WHERE outbox = p_outbox AND created_at >= p_to_time),
+    (SELECT max(id) FROM tide.outbox_messages WHERE outbox = p_outbox), 0);
+  SELECT max(m.id) INTO v_max FROM tide.interval_messages(p_outbox, tide.empty_snapshot(), v_high) m;
+  -- Everything committed so far becomes one interval whose cursor sits at the rewind point.
+  UPDATE tide.consumer_groups
+     SET low = tide.empty_snapshot(), high = v_high, cursor_id = v_cursor,
+         interval_max_id = coalesce(v_max, v_cursor), committed_offset = v_cursor, updated_at = now()
+   WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
+  IF v_pipeline IS NOT NULL THEN
+    PERFORM pg_notify('tide_relay_config', v_pipeline);
+  END IF;
+  RETURN (SELECT count(*) FROM tide.outbox_messages
+           WHERE outbox = p_outbox AND id > v_cursor AND pg_visible_in_snapshot(txid, v_high));
+END $$;
+
+-- Deletes at most p_batch messages of one outbox (or of all) that are older than the outbox's
+-- retention AND delivered by every consumer group. Call until it returns less than p_batch.
+-- With p_dry_run it only counts what it would delete (unbounded).
+CREATE FUNCTION tide.outbox_retention_sweep(p_outbox text DEFAULT NULL, p_batch integer DEFAULT 10000,
+                                            p_dry_run boolean DEFAULT false)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_count bigint;
+BEGIN
+  IF p_dry_run THEN
+    SELECT count(*) INTO v_count FROM tide.outbox_messages m JOIN tide.outboxes o ON o.name = m.outbox
+     WHERE (p_outbox IS NULL OR m.outbox = p_outbox)
+       AND m.created_at < now() - make_interval(hours => o.retention_hours)
+       AND NOT EXISTS (SELECT 1 FROM tide.consumer_groups g WHERE g.outbox_name = m.outbox
+                        AND NOT tide.is_delivered(m.txid, m.id, g.low, g.high, g.cursor_id));
+    RETURN v_count;
+  END IF;
+  DELETE FROM tide.outbox_messages WHERE id IN (
+    SELECT m.id FROM tide.outbox_messages m JOIN tide.outboxes o ON o.name = m.outbox
+     WHERE (p_outbox IS NULL OR m.outbox = p_outbox)
+       AND m.created_at < now() - make_interval(hours => o.retention_hours)
+       AND NOT EXISTS (SELECT 1 FROM tide.consumer_groups g WHERE g.outbox_name = m.outbox
+                        AND NOT tide.is_delivered(m.txid, m.id, g.low, g.high, g.cursor_id))
+     ORDER BY m.id LIMIT p_batch);
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  RETURN v_count;
+END $$;
+
+-- Deletes at most p_batch processed rows past processed_retention_hours and dead letters past
+-- dlq_retention_hours (0 keeps them) from one inbox or all.
+CREATE FUNCTION tide.inbox_retention_sweep(p_inbox text DEFAULT NULL, p_batch integer DEFAULT 10000,
+                                           p_dry_run boolean DEFAULT false)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_inbox tide.inboxes;
+  v_total bigint := 0;
+  v_count bigint;
+  v_where text := '(processed_at < now() - make_interval(hours => $1))
+                   OR ($2 > 0 AND dead_lettered_at IS NOT NULL AND processed_at IS NULL
+                       AND dead_lettered_at < now() - make_interval(hours => $2))';
+BEGIN
+  FOR v_inbox IN SELECT * FROM tide.inboxes WHERE p_inbox IS NULL OR name = p_inbox ORDER BY name LOOP
+    IF p_dry_run THEN
+      EXECUTE format('SELECT count(*) FROM tide.%I WHERE %s', v_inbox.table_name, v_where)
+        INTO v_count USING v_inbox.processed_retention_hours, v_inbox.dlq_retention_hours;
+    ELSE
+      EXECUTE format('DELETE FROM tide.%1$I WHERE id IN (SELECT id FROM tide.%1$I WHERE %2$s ORDER BY id LIMIT $3)',
+                     v_inbox.table_name, v_where)
+        USING v_inbox.processed_retention_hours, v_inbox.dlq_retention_hours, p_batch - v_total;
+      GET DIAGNOSTICS v_count = ROW_COUNT;
+    END IF;
+    v_total := v_total + v_count;
+    EXIT WHEN NOT p_dry_run AND v_total >= p_batch;
+  END LOOP;
+  RETURN v_total;
+END $$;
+
+-- Forward dead letters: messages a sink refused permanently or past their retry budget.
+CREATE TABLE tide.relay_dlq (
+  id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  pipeline    text NOT NULL,
+  outbox_name text NOT NULL,
+  message_id  bigint NOT NULL,
+  topic       text,
+  payload     jsonb NOT NULL,
+  headers     jsonb NOT NULL DEFAULT '{}',
+  error       text NOT NULL,
+  attempts    integer NOT NULL DEFAULT 1,
+  status      text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'requeued', 'redelivered', 'resolved')),
+  failed_at   timestamptz NOT NULL DEFAULT now(),
+  updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX relay_dlq_pipeline_status ON tide.relay_dlq (pipeline, status, id);
+
+CREATE FUNCTION tide.relay_dlq_add(p_pipeline text, p_message_id bigint, p_error text, p_attempts integer DEFAULT 1)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_id bigint;
+BEGIN
+  INSERT INTO tide.relay_dlq (pipeline, outbox_name, message_id, topic, payload, headers, error, attempts)
+  SELECT p_pipeline, m.outbox, m.id, m.topic, m.payload, m.headers, p_error, coalesce(p_attempts, 1)
+    FROM tide.outbox_messages m WHERE m.id = p_message_id
+  RETURNING id INTO v_id;
+  IF v_id IS NULL THEN
+    -- The caller would otherwise move past a message it believes it dead-lettered.
+    RAISE EXCEPTION 'outbox message % does not exist', p_message_id USING ERRCODE = 'no_data_found';
+  END IF;
+  RETURN v_id;
+END $$;
+
+CREATE FUNCTION tide.relay_dlq_list(p_pipeline text DEFAULT NULL, p_status text DEFAULT 'open')
+RETURNS SETOF tide.relay_dlq LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT * FROM tide.relay_dlq
+   WHERE (p_pipeline IS NULL OR pipeline = p_pipeline) AND (p_status IS NULL OR status = p_status)
+   ORDER BY id;
+$$;
+
+-- Asks the owning relay to deliver dead letters again (one entry, or all open ones of a pipeline).
+CREATE FUNCTION tide.relay_dlq_requeue(p_id bigint) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_pipeline text;
+BEGIN
+  UPDATE tide.relay_dlq SET status = 'requeued', updated_at = now()
+   WHERE id = p_id AND status IN ('open', 'resolved') RETURNING pipeline INTO v_pipeline;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'dead letter % does not exist or is already requeued', p_id USING ERRCODE = 'no_data_found';
+  END IF;
+  PERFORM pg_notify('tide_relay_config', v_pipeline);
+  RETURN 1;
+END $$;
+
+CREATE FUNCTION tide.relay_dlq_requeue(p_pipeline text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_count integer;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM tide.relay_pipelines WHERE name = p_pipeline) THEN
+    RAISE EXCEPTION 'pipeline "%" does not exist', p_pipeline USING ERRCODE = 'undefined_object';
+  END IF;
+  UPDATE tide.relay_dlq SET status = 'requeued', updated_at = now() WHERE pipeline = p_pipeline AND status = 'open';
+  GET DIAGNOSTICS v_count = ROW_COUNT;
+  PERFORM pg_notify('tide_relay_config', p_pipeline);
+  RETURN v_count;
+END $$;
+
+CREATE FUNCTION tide.relay_dlq_resolve(p_id bigint) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  UPDATE tide.relay_dlq SET status = 'resolved', updated_at = now() WHERE id = p_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'dead letter % does not exist', p_id USING ERRCODE = 'no_data_found';
+  END IF;
+END $$;
+
+CREATE VIEW tide.pipeline_status AS
+SELECT p.name AS pipeline, p.direction, p.enabled, p.plugin_type,
+       coalesce(p.outbox_name, p.plugin_type) AS source,
+       coalesce(p.inbox_name, p.plugin_type) AS target,
+       p.consumer_group, s.relay_group_id, s.owner_id, s.heartbeat_at, s.healthy, s.last_error, s.last_error_at,
+       s.retry_attempt, s.circuit,
+       CASE WHEN p.direction = 'forward' THEN
+         (SELECT tide.undelivered_count(g.outbox_name, g.low, g.high, g.cursor_id) FROM tide.consumer_groups g
+           WHERE g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group
+             AND g.relay_group_id = coalesce(s.relay_group_id, 'default'))
+       END AS lag,
+       (SELECT count(*) FROM tide.relay_dlq d WHERE d.pipeline = p.name AND d.status IN ('open', 'requeued')) AS dlq_depth
+  FROM tide.relay_pipelines p
+  LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name
+ ORDER BY p.name, s.relay_group_id;

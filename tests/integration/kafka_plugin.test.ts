@@ -1,0 +1,353 @@
+// The kafka sink and source against a real broker (scripts/kafka.sh start): what a kafkajs
+// consumer reads back from the sink, what the source hands out, and when it commits offsets.
+
+import { afterAll, beforeAll, describe, expect, it } from "bun:test";
+import { Kafka, logLevel, type Producer } from "kafkajs";
+import { pluginErrors } from "../../core/errors.ts";
+import type { OutboxMessage, PluginContext, PluginDefinition, SourceInstance } from "../../core/plugin.ts";
+import { renderTemplate } from "../../core/template.ts";
+import { availableCompressions } from "../../plugins/kafka/codecs.ts";
+import { kafkaSink, kafkaSource } from "../../plugins/kafka/index.ts";
+import { requireService } from "../support/services.ts";
+
+const BROKER = "127.0.0.1:9092";
+const up = await requireService("kafka", "127.0.0.1", 9092);
+
+function context(overrides: Partial<PluginContext> = {}): PluginContext {
+  const quiet = () => {};
+  return {
+    pipeline: "kafka-test",
+    logger: { debug: quiet, info: quiet, warn: quiet, error: quiet },
+    errors: pluginErrors,
+    signal: new AbortController().signal,
+    batchSize: 100,
+    render: renderTemplate,
+    ...overrides,
+  };
+}
+
+function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
+  return {
+    id: BigInt(id),
+    outbox: "orders",
+    topic: null,
+    payload: { order_id: id, total: id * 10 },
+    headers: { event_type: "order.created", schema_version: "1.0", attempt: 3 },
+    dedupKey: `orders:${id}`,
+    eventType: "order.created",
+    op: "publish",
+    createdAt: new Date(),
+    ...overrides,
+  };
+}
+
+async function validate(definition: PluginDefinition, input: unknown) {
+  return await definition.config["~standard"].validate(input);
+}
+
+async function parse(definition: PluginDefinition, input: unknown) {
+  const result = await validate(definition, input);
+  if (result.issues) throw new Error(`invalid config: ${JSON.stringify(result.issues)}`);
+  return result.value;
+}
+
+const unique = (name: string) => `tide-${name}-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;
+
+const kafka = new Kafka({ clientId: "tide-tests", brokers: [BROKER], logLevel: logLevel.NOTHING });
+
+interface Received {
+  topic: string;
+  partition: number;
+  key: string | null;
+  value: string;
+  headers: Record<string, string>;
+}
+
+/** Reads `count` records of `topics` from the beginning with a fresh group. */
+async function consume(topics: string[], count: number, timeoutMs = 20_000): Promise<Received[]> {
+  const consumer = kafka.consumer({ groupId: unique("reader") });
+  const received: Received[] = [];
+  try {
+    await consumer.connect();
+    await consumer.subscribe({ topics, fromBeginning: true });
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`got ${received.length} of ${count} records`)), timeoutMs);
+      consumer.run({
+        eachMessage: async ({ topic, partition, message: record }) => {
+          const headers = Object.fromEntries(Object.entries(record.headers ?? {}).map(([k, v]) => [k, String(v)]));
+          received.push({ topic, partition, key: record.key?.toString() ?? null, value: record.value!.toString(), headers });
+          if (received.length >= count) {
+            clearTimeout(timer);
+            resolve();
+          }
+        },
+      }).catch(reject);
+    });
+  } finally {
+    await consumer.disconnect();
+  }
+  return received;
+}
+
+describe.skipIf(!up)("kafka sink", () => {
+  it("delivers a batch with key, headers and the JSON payload", async () => {
+    const topic = unique("sink");
+    const sink = kafkaSink.create(await parse(kafkaSink, { brokers: BROKER, topic, key: "{event_type}" }), context());
+    await sink.connect();
+    try {
+      const batch = [1, 2, 3].map((id) => message(id, { payload: { order_id: id, big: 12345678901234567890n } }));
+      expect(await sink.publish(batch)).toEqual([]);
+    } finally {
+      await sink.close();
+    }
+    const records = await consume([topic], 3);
+    expect(records.map((r) => JSON.parse(r.value))).toEqual([1, 2, 3].map((id) => ({ order_id: id, big: "12345678901234567890" })));
+    expect(records.map((r) => r.key)).toEqual(["order.created", "order.created", "order.created"]);
+    expect(records[0]!.headers).toEqual({
+      event_type: "order.created",
+      schema_version: "1.0",
+      "tide-dedup-key": "orders:1",
+      "tide-event-type": "order.created",
+      "tide-outbox": "orders",
+      "tide-message-id": "1",
+    });
+  });
+
+  it("routes each message to the topic its topic_template renders", async () => {
+    const prefix = unique("routed");
+    const sink = kafkaSink.create(await parse(kafkaSink, { brokers: [BROKER], topic_template: `${prefix}.{event_type}` }), context());
+    await sink.connect();
+    try {
+      const failures = await sink.publish([
+        message(1, { eventType: "created" }),
+        message(2, { eventType: "cancelled" }),
+        message(3, { eventType: "created" }),
+      ]);
+      expect(failures).toEqual([]);
+    } finally {
+      await sink.close();
+    }
+    const records = await consume([`${prefix}.created`, `${prefix}.cancelled`], 3);
+    const byTopic = (t: string) => records.filter((r) => r.topic === t).map((r) => r.headers["tide-message-id"]);
+    expect(byTopic(`${prefix}.created`)).toEqual(["1", "3"]);
+    expect(byTopic(`${prefix}.cancelled`)).toEqual(["2"]);
+  });
+
+  it("sends a record that no retry can fix to the DLQ and delivers the rest", async () => {
+    const topic = unique("refused");
+    const sink = kafkaSink.create(
+      await parse(kafkaSink, { brokers: BROKER, topic_template: "{payload.topic}" }),
+      context(),
+    );
+    await sink.connect();
+    try {
+      const failures = await sink.publish([
+        message(1, { payload: { topic } }),
+        message(2, { payload: { topic: "not a topic!" } }),
+        message(3, { payload: { topic, blob: "x".repeat(2_000_000) } }),
+        message(4, { payload: { topic } }),
+      ]);
+      expect(failures.map((f) => [f.id, f.retriable])).toEqual([[2n, false], [3n, false]]);
+      expect(failures[0]!.error.message).toContain("not a valid Kafka topic name");
+      expect(failures[1]!.error.message).toContain("message 3: refused by Kafka");
+    } finally {
+      await sink.close();
+    }
+    const records = await consume([topic], 2);
+    expect(new Set(records.map((r) => r.headers["tide-message-id"]))).toEqual(new Set(["1", "4"]));
+  });
+
+  it("compresses with snappy when its codec is installed, else refuses to connect naming the codec", async () => {
+    const topic = unique("snappy");
+    const sink = kafkaSink.create(await parse(kafkaSink, { brokers: BROKER, topic, compression: "snappy" }), context());
+    try {
+      if (!(await availableCompressions()).includes("snappy")) {
+        await expect(sink.connect()).rejects.toThrow(/compression "snappy" is not available.*kafkajs-snappy.*available: none, gzip/);
+        return;
+      }
+      await sink.connect();
+      expect(await sink.publish([message(1), message(2)])).toEqual([]);
+    } finally {
+      await sink.close();
+    }
+    const records = await consume([topic], 2);
+    expect(records.map((r) => JSON.parse(r.value).order_id)).toEqual([1, 2]);
+  });
+
+  it("fails connect() within about ten seconds when no broker answers, naming the brokers", async () => {
+    const sink = kafkaSink.create(await parse(kafkaSink, { brokers: "127.0.0.1:1", topic: "t" }), context());
+    const started = Date.now();
+    const error = await sink.connect().then(() => undefined, (e: Error) => e);
+    expect(error?.message).toContain("127.0.0.1:1");
+    expect((error as { retriable?: boolean }).retriable).toBe(true);
+    expect(Date.now() - started).toBeLessThan(12_000);
+    await sink.close();
+    await sink.close();
+  }, 20_000);
+});
+
+describe.skipIf(!up)("kafka source", () => {
+  let producer: Producer;
+  beforeAll(async () => {
+    producer = kafka.producer();
+    await producer.connect();
+  });
+  afterAll(async () => {
+    await producer.disconnect();
+  });
+
+  async function produce(topic: string, values: { value: string; headers?: Record<string, string> }[]) {
+    await producer.send({ topic, messages: values });
+  }
+
+  async function openSource(topic: string, group: string, overrides: Partial<PluginContext> = {}): Promise<SourceInstance> {
+    const source = kafkaSource.create(await parse(kafkaSource, { brokers: BROKER, topic, group_id: group }), context(overrides));
+    await source.connect();
+    return source;
+  }
+
+  const five = (): { value: string; headers?: Record<string, string> }[] => [
+    { value: JSON.stringify({ n: 1 }), headers: { event_id: "evt-1" } },
+    { value: JSON.stringify({ n: 2 }), headers: { id: "id-2" } },
+    { value: JSON.stringify({ n: 3 }), headers: { "tide-dedup-key": "orders:3" } },
+    { value: JSON.stringify({ n: 4 }), headers: { ce_id: "ce-4", other: "x" } },
+    { value: "plain text, not JSON" },
+  ];
+
+  it("hands out the records, commits on ack, and a new member of the group starts after them", async () => {
+    const topic = unique("source");
+    const group = unique("group");
+    await produce(topic, five());
+    const first = await openSource(topic, group);
+    try {
+      const batch = (await first.read())!;
+      expect(batch.messages.map((m) => m.transportId)).toEqual(["kafka:0-0", "kafka:0-1", "kafka:0-2", "kafka:0-3", "kafka:0-4"]);
+      expect(batch.messages.map((m) => m.eventId)).toEqual(["evt-1", "id-2", "orders:3", "ce-4", undefined]);
+      expect(batch.messages.map((m) => m.payload)).toEqual([{ n: 1 }, { n: 2 }, { n: 3 }, { n: 4 }, "plain text, not JSON"]);
+      expect(batch.messages[3]!.headers).toEqual({ ce_id: "ce-4", other: "x" });
+      expect(batch.messages[0]!.source).toBe(`kafka:${topic}`);
+      await batch.ack();
+    } finally {
+      await first.close();
+    }
+    await produce(topic, [{ value: JSON.stringify({ n: 6 }) }]);
+    const second = await openSource(topic, group);
+    try {
+      const batch = (await second.read())!;
+      expect(batch.messages.map((m) => m.payload)).toEqual([{ n: 6 }]);
+      await batch.ack();
+    } finally {
+      await second.close();
+    }
+  });
+
+  it("delivers again after a nack, and to the next member when never acked", async () => {
+    const topic = unique("redeliver");
+    const group = unique("group");
+    await produce(topic, five());
+    const first = await openSource(topic, group);
+    try {
+      const batch = (await first.read())!;
+      expect(batch.messages).toHaveLength(5);
+      await batch.nack!(new Error("inbox write failed"));
+      const again = (await first.read())!;
+      expect(again.messages.map((m) => m.transportId)).toEqual(batch.messages.map((m) => m.transportId));
+      // Closed without an ack: nothing was committed.
+    } finally {
+      await first.close();
+    }
+    const second = await openSource(topic, group);
+    try {
+      const batch = (await second.read())!;
+      expect(batch.messages.map((m) => m.transportId)).toEqual(["kafka:0-0", "kafka:0-1", "kafka:0-2", "kafka:0-3", "kafka:0-4"]);
+    } finally {
+      await second.close();
+    }
+  });
+
+  it("slices a fetched batch into ctx.batchSize records, committing slice by slice", async () => {
+    const topic = unique("slices");
+    const group = unique("group");
+    await produce(topic, five());
+    const source = await openSource(topic, group, { batchSize: 2 });
+    const sizes: number[] = [];
+    try {
+      for (let i = 0; i < 3; i += 1) {
+        const batch = (await source.read())!;
+        sizes.push(batch.messages.length);
+        await batch.ack();
+      }
+    } finally {
+      await source.close();
+    }
+    expect(sizes).toEqual([2, 2, 1]);
+    const admin = kafka.admin();
+    await admin.connect();
+    const [offsets] = await admin.fetchOffsets({ groupId: group, topics: [topic] });
+    await admin.disconnect();
+    expect(offsets!.partitions[0]!.offset).toBe("5");
+  });
+
+  it("resolves read() with null once the pipeline stops", async () => {
+    const topic = unique("idle");
+    await produce(topic, [{ value: "{}" }]);
+    const stop = new AbortController();
+    const source = await openSource(topic, unique("group"), { signal: stop.signal });
+    try {
+      const batch = (await source.read())!;
+      await batch.ack();
+      const pending = source.read();
+      setTimeout(() => stop.abort(), 200);
+      expect(await pending).toBeNull();
+    } finally {
+      await source.close();
+      await source.close();
+    }
+  });
+});
+
+describe("kafka configs", () => {
+  async function problems(definition: PluginDefinition, input: unknown): Promise<string[]> {
+    const result = await validate(definition, input);
+    return (result.issues ?? []).map((i) => `${(i.path ?? []).map((p) => (typeof p === "object" ? p.key : p)).join(".")}: ${i.message}`);
+  }
+
+  it("accepts the seeds' pipeline configs and the examples", async () => {
+    const endToEnd = { brokers: "localhost:9092", topic: "order-events", acks: "all", compression: "snappy", key: "{event_type}" };
+    expect(await problems(kafkaSink, endToEnd)).toEqual([]);
+    expect(await problems(kafkaSink, { brokers: "kafka:9092", topic: "orders" })).toEqual([]);
+    expect(await problems(kafkaSink, kafkaSink.example)).toEqual([]);
+    expect(await problems(kafkaSource, kafkaSource.example)).toEqual([]);
+    expect(await problems(kafkaSource, { brokers: ["a:9092"], topics: ["x", "y"], event_id: "{payload.id}" })).toEqual([]);
+    const parsed = (await parse(kafkaSink, endToEnd)) as { acks: number; idempotent: boolean; brokers: string[] };
+    expect([parsed.acks, parsed.idempotent, parsed.brokers]).toEqual([-1, true, ["localhost:9092"]]);
+  });
+
+  it("rejects invalid configs, naming the key", async () => {
+    expect(await problems(kafkaSink, { brokers: "", topic: "t" })).toEqual([expect.stringMatching(/^brokers: /)]);
+    expect(await problems(kafkaSink, { brokers: "a", topic: "t" })).toEqual([expect.stringMatching(/^brokers: "a" is not/)]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "t", acks: 2 })).toEqual([expect.stringMatching(/^acks: /)]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "t", compression: "brotli" })).toEqual([
+      expect.stringMatching(/^compression: /),
+    ]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "t", topics: ["x"] })).toEqual([expect.stringMatching(/topics/)]);
+    expect(await problems(kafkaSink, { brokers: "a:1" })).toEqual([expect.stringMatching(/^topic: required/)]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "o.{op}" })).toEqual([expect.stringMatching(/^topic: has a placeholder/)]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "t", acks: 1, idempotent: true })).toEqual([
+      expect.stringMatching(/^idempotent: needs acks/),
+    ]);
+    expect(await problems(kafkaSink, { brokers: "a:1", topic: "t", sasl: { mechanism: "gssapi", username: "u", password: "p" } }))
+      .toEqual([expect.stringMatching(/^sasl.mechanism: /)]);
+    expect(await problems(kafkaSource, { brokers: "a:1" })).toEqual([expect.stringMatching(/^topic: required/)]);
+    expect(await problems(kafkaSource, { brokers: "a:1", topic: "t", group_id: "g", consumer_group: "h" })).toEqual([
+      expect.stringMatching(/^consumer_group: /),
+    ]);
+  });
+
+  it("turns acks 1 into a non-idempotent producer and an unknown placeholder into a config error at create()", async () => {
+    const parsed = (await parse(kafkaSink, { brokers: "a:1", topic: "t", acks: "1" })) as { acks: number; idempotent: boolean };
+    expect([parsed.acks, parsed.idempotent]).toEqual([1, false]);
+    const templated = await parse(kafkaSink, { brokers: "a:1", topic_template: "{nope}" });
+    expect(() => kafkaSink.create(templated, context())).toThrow(/nope/);
+  });
+});

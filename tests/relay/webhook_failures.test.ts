@@ -1,0 +1,112 @@
+// A webhook target that fails for a while: 500s and timeouts are retried with backoff until 2xx and
+// nothing is lost; a poison message (refused with a 4xx) goes to the dead-letter queue while the
+// rest flow on, and comes back when it is requeued.
+
+import { afterAll, beforeAll, describe, expect, it } from "bun:test";
+import type { Relay } from "../../core/relay.ts";
+import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { startRelay, waitFor } from "../support/relay.ts";
+
+let db: TestDatabase;
+let relay: Relay;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  relay = await startRelay(db.url);
+});
+afterAll(async () => {
+  await relay.stop();
+  await db.drop();
+});
+
+/** An HTTP endpoint whose behaviour the test switches: "fail" (500), "hang" (never answers), "ok". */
+function flakyEndpoint() {
+  const state = { mode: "fail" as "fail" | "hang" | "ok", acceptPoison: false, failures: 0, received: [] as any[] };
+  const server = Bun.serve({
+    port: 0,
+    async fetch(request) {
+      const body = await request.json();
+      if (body.poison && !state.acceptPoison) return new Response("cannot process this order", { status: 422 });
+      if (state.mode === "fail") {
+        state.failures += 1;
+        return new Response("down for maintenance", { status: 500 });
+      }
+      if (state.mode === "hang") {
+        state.failures += 1;
+        return await new Promise<Response>(() => {});
+      }
+      state.received.push({ body, key: request.headers.get("idempotency-key") });
+      return new Response(null, { status: 204 });
+    },
+  });
+  return { state, server, url: `http://127.0.0.1:${server.port}/hook` };
+}
+
+describe("webhook delivery under failures", () => {
+  it("retries 500s and timeouts until 2xx, then delivers everything in order", async () => {
+    const { state, server, url } = flakyEndpoint();
+    try {
+      await db.sql`SELECT tide.outbox_create('flaky')`;
+      await db.sql`SELECT tide.relay_set_outbox('flaky', 'flaky', 'webhook',
+        ${db.sql.json({ url, timeout_ms: 300, retry: { initial_backoff_ms: 20, max_backoff_ms: 200 } })})`;
+      for (let n = 1; n <= 20; n++) await db.sql`SELECT tide.outbox_publish('flaky', ${db.sql.json({ n })})`;
+
+      await waitFor("a few 500s", () => state.failures >= 3);
+      const [unhealthy] = await waitFor("the pipeline to report the failure", async () =>
+        (await db.sql`SELECT healthy, last_error FROM tide.relay_pipeline_state WHERE pipeline = 'flaky' AND NOT healthy`).length
+          ? db.sql`SELECT healthy, last_error FROM tide.relay_pipeline_state WHERE pipeline = 'flaky'` : null);
+      expect(unhealthy.last_error).toContain("500");
+
+      state.mode = "hang";
+      const failuresBefore = state.failures;
+      await waitFor("a few timeouts", () => state.failures >= failuresBefore + 2);
+      expect(state.received.length).toBe(0);
+
+      state.mode = "ok";
+      await waitFor("all 20 messages", () => new Set(state.received.map((r) => r.body.n)).size === 20, 30_000);
+      const firstSeen = [...new Set(state.received.map((r) => r.body.n))];
+      expect(firstSeen).toEqual(Array.from({ length: 20 }, (_, i) => i + 1));
+      expect(state.received[0].key).toMatch(/^flaky:\d+$/);
+      await waitFor("the pipeline to be healthy again", async () => {
+        const [row] = await db.sql`SELECT healthy FROM tide.relay_pipeline_state WHERE pipeline = 'flaky'`;
+        return row.healthy;
+      });
+    } finally {
+      server.stop(true);
+    }
+  }, 60_000);
+
+  it("dead-letters a poison message, delivers the rest, and redelivers it when requeued", async () => {
+    const { state, server, url } = flakyEndpoint();
+    state.mode = "ok";
+    try {
+      await db.sql`SELECT tide.outbox_create('poison')`;
+      await db.sql`SELECT tide.relay_set_outbox('poison', 'poison', 'webhook', ${db.sql.json({ url })})`;
+      await db.sql`SELECT tide.outbox_publish('poison', '{"n": 1}'::jsonb)`;
+      await db.sql`SELECT tide.outbox_publish('poison', '{"n": 2, "poison": true}'::jsonb)`;
+      await db.sql`SELECT tide.outbox_publish('poison', '{"n": 3}'::jsonb)`;
+
+      await waitFor("the good messages", () => state.received.length === 2);
+      expect(state.received.map((r) => r.body.n)).toEqual([1, 3]);
+      const dead = await waitFor("the dead letter", async () => {
+        const rows = await db.sql`SELECT * FROM tide.relay_dlq_list('poison')`;
+        return rows.length === 1 && rows;
+      });
+      expect(dead[0].payload).toEqual({ n: 2, poison: true });
+      expect(dead[0].error).toContain("422");
+      const [{ lag }] = await db.sql`SELECT lag FROM tide.consumer_lag WHERE group_name = 'poison'`;
+      expect(lag).toBe(0n);
+
+      state.acceptPoison = true;
+      await db.sql`SELECT tide.relay_dlq_requeue(${dead[0].id})`;
+      await waitFor("the requeued message", () => state.received.length === 3);
+      expect(state.received[2].body.n).toBe(2);
+      await waitFor("the dead letter to be marked redelivered", async () => {
+        const [row] = await db.sql`SELECT status FROM tide.relay_dlq WHERE id = ${dead[0].id}`;
+        return row.status === "redelivered";
+      });
+    } finally {
+      server.stop(true);
+    }
+  }, 60_000);
+});
