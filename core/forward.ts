@@ -60,6 +60,8 @@ export class ForwardWorker {
   #loop: Promise<void> | undefined;
   #retry: BackoffPolicy & { maxAttempts: number };
   #pauseOnFailure: boolean;
+  /** consumer_groups.generation when the batch being delivered was read (see consumer_commit). */
+  #generation = 0n;
   #redeliverDeadLetters = true;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
@@ -137,14 +139,23 @@ export class ForwardWorker {
             throw error;
           });
         }
-        const rows = await this.#options.sql<MessageRow[]>`
-          SELECT id, outbox, topic, payload, headers, created_at
-            FROM tide.consumer_next_batch(${this.#row.outbox_name}, ${this.#row.consumer_group},
-                                          ${this.#row.batch_size}, ${this.#options.relayGroupId})`;
+        // The group's generation comes with the batch, so that an acknowledgement racing a rewind
+        // is ignored. Read in the statement's snapshot it can only be older than the one the batch
+        // came from, which makes the acknowledgement a no-op and the batch is read again: a
+        // duplicate, never a loss. A group row created by this very call starts at 0.
+        const { relayGroupId } = this.#options;
+        const { outbox_name: outbox, consumer_group: group } = this.#row;
+        const rows = await this.#options.sql<(MessageRow & { generation: bigint })[]>`
+          SELECT b.id, b.outbox, b.topic, b.payload, b.headers, b.created_at,
+                 coalesce((SELECT generation FROM tide.consumer_groups
+                            WHERE outbox_name = ${outbox} AND group_name = ${group}
+                              AND relay_group_id = ${relayGroupId}), 0) AS generation
+            FROM tide.consumer_next_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}) b`;
         if (rows.length === 0) {
           await this.#wakeup.wait(this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs, stop);
           continue;
         }
+        this.#generation = rows[0].generation;
         const delivered = await this.#deliver(rows.map(toMessage));
         if (!delivered) continue; // stopping or paused: the batch stays unacknowledged
       } catch (error) {
@@ -231,13 +242,17 @@ export class ForwardWorker {
 
   async #acknowledge(batch: OutboxMessage[], dead: { message: OutboxMessage; error: string; attempts: number }[]) {
     const last = batch[batch.length - 1].id;
+    let rewound = false;
     await this.#options.sql.begin(async (tx) => {
       for (const entry of dead) {
         await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${entry.error}, ${entry.attempts})`;
       }
-      await tx`SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last},
-                                           ${batch.length}, ${this.#options.relayGroupId})`;
+      const [{ moved }] = await tx`
+        SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
+                                    ${this.#options.relayGroupId}, ${this.#generation}) AS moved`;
+      rewound = !moved;
     });
+    if (rewound) this.#log.info("the consumer group was moved while this batch was delivered; reading from its new position");
     if (dead.length > 0) {
       this.status.deadLettered += dead.length;
       this.#options.events?.deadLettered?.(this.#row.name, dead.length);

@@ -20,6 +20,8 @@ CREATE TABLE tide.consumer_groups (
   interval_max_id   bigint,
   committed_offset  bigint NOT NULL DEFAULT 0,
   delivered_total   bigint NOT NULL DEFAULT 0,
+  -- Bumped by every rewind: an acknowledgement for a batch read before it is stale and ignored.
+  generation        bigint NOT NULL DEFAULT 0,
   created_at        timestamptz NOT NULL DEFAULT now(),
   updated_at        timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (outbox_name, group_name, relay_group_id)
@@ -140,10 +142,13 @@ BEGIN
 END $$;
 
 -- Acknowledge everything of the open interval up to and including p_last_id. Called only after the
--- sink acknowledged, so a crash in between re-delivers the batch instead of losing it.
+-- sink acknowledged, so a crash in between re-delivers the batch instead of losing it. A caller that
+-- read the batch at generation p_generation (consumer_groups.generation) has its acknowledgement
+-- ignored when the group was rewound since: the rewind wins and the batch is read again.
+-- Returns whether the position moved.
 CREATE FUNCTION tide.consumer_commit(p_outbox text, p_group text, p_last_id bigint, p_count integer DEFAULT 0,
-                                     p_relay_group_id text DEFAULT 'default')
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+                                     p_relay_group_id text DEFAULT 'default', p_generation bigint DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_group tide.consumer_groups;
 BEGIN
@@ -153,7 +158,10 @@ BEGIN
     RAISE EXCEPTION 'consumer group "%" does not exist on outbox "%"', p_group, p_outbox USING ERRCODE = 'undefined_object';
   END IF;
   IF v_group.high IS NULL OR p_last_id <= v_group.cursor_id THEN
-    RETURN; -- nothing open, or an old acknowledgement arriving twice
+    RETURN false; -- nothing open, or an old acknowledgement arriving twice
+  END IF;
+  IF p_generation IS NOT NULL AND p_generation <> v_group.generation THEN
+    RETURN false; -- the batch was read before a rewind
   END IF;
   IF p_last_id >= v_group.interval_max_id THEN
     UPDATE tide.consumer_groups
@@ -167,6 +175,7 @@ BEGIN
            delivered_total = delivered_total + coalesce(p_count, 0), updated_at = now()
      WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
   END IF;
+  RETURN true;
 END $$;
 
 -- Whether a group position has delivered a message.

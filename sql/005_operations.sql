@@ -69,7 +69,8 @@ BEGIN
   -- Everything committed so far becomes one interval whose cursor sits at the rewind point.
   UPDATE tide.consumer_groups
      SET low = tide.empty_snapshot(), high = v_high, cursor_id = v_cursor,
-         interval_max_id = coalesce(v_max, v_cursor), committed_offset = v_cursor, updated_at = now()
+         interval_max_id = coalesce(v_max, v_cursor), committed_offset = v_cursor,
+         generation = generation + 1, updated_at = now()
    WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
   IF v_pipeline IS NOT NULL THEN
     PERFORM pg_notify('tide_relay_config', v_pipeline);

@@ -15,15 +15,19 @@ beforeAll(async () => {
 });
 afterAll(() => db.drop());
 
-/** An HTTP service that records what it receives; `failing` makes it answer 500. */
+/**
+ * An HTTP service that records what it receives; `failing` makes it answer 500, and `hold` keeps
+ * its answer back (the request is already recorded) until the promise settles.
+ */
 function service() {
-  const state = { failing: false, attempts: 0, received: [] as any[] };
+  const state = { failing: false, attempts: 0, received: [] as any[], hold: undefined as Promise<void> | undefined };
   const server = Bun.serve({
     port: 0,
     async fetch(request) {
       state.attempts += 1;
       if (state.failing) return new Response("busy", { status: 500 });
       state.received.push(await request.json());
+      await state.hold;
       return new Response("ok");
     },
   });
@@ -147,15 +151,29 @@ describe("Sequin-style fan-out", () => {
     }
   });
 
-  it("replays from a point in time after a rewind", async () => {
+  it("replays from a point in time after a rewind, also when the rewind lands mid-batch", async () => {
+    const shipping = services.shipping.state;
     const [{ t }] = await db.sql`SELECT now() AS t`;
-    await db.sql`INSERT INTO orders (customer_id, total) VALUES (77, 1)`;
-    await waitFor("delivery", () => services.shipping.state.received.some((b) => b.record.customer_id === 77));
-    const seen = services.shipping.state.received.length;
-    const [{ n }] = await db.sql`SELECT tide.consumer_group_rewind('shipping_consumer', 'order_changes',
-                                    p_to_time := ${t}, p_force := true) AS n`;
-    expect(n).toBe(1n);
-    await waitFor("the replay", () => services.shipping.state.received.length === seen + 1);
-    expect(services.shipping.state.received.at(-1).record.customer_id).toBe(77);
+    let release!: () => void;
+    shipping.hold = new Promise<void>((resolve) => (release = resolve));
+    try {
+      await db.sql`INSERT INTO orders (customer_id, total) VALUES (77, 1)`;
+      // The service has the change but has not answered: the relay's batch is in flight.
+      await waitFor("delivery", () => shipping.received.some((b) => b.record.customer_id === 77));
+      const [{ n }] = await db.sql`SELECT tide.consumer_group_rewind('shipping_consumer', 'order_changes',
+                                      p_to_time := ${t}, p_force := true) AS n`;
+      expect(n).toBe(1n);
+    } finally {
+      shipping.hold = undefined;
+      release();
+    }
+    // The acknowledgement of the in-flight batch arrives after the rewind and must not undo it.
+    await waitFor("the replay", () => shipping.received.filter((b) => b.record.customer_id === 77).length === 2);
+    const [{ lag }] = await waitFor("the position to settle", async () => {
+      const rows = await db.sql`SELECT lag FROM tide.consumer_lag WHERE group_name = 'shipping_consumer'`;
+      return rows[0].lag === 0n && rows;
+    });
+    expect(lag).toBe(0n);
+    expect(shipping.received.at(-1).record.customer_id).toBe(77);
   });
 });

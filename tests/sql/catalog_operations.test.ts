@@ -212,6 +212,21 @@ describe("consumer_group_rewind", () => {
     expect(row.lag).toBe(6n);
     expect(row.committed_offset).toBe(all[1]);
   });
+
+  it("ignores the acknowledgement of a batch read before a rewind, so the rewind is not undone", async () => {
+    const [{ top }] = await db.sql`SELECT max(id) AS top FROM tide.outbox_messages WHERE outbox = 'rew'`;
+    await db.sql`SELECT tide.consumer_group_rewind('rew-out', 'rew', p_to_id := ${top}, p_force := true)`;
+    expect(await deliver(db.sql, "rew", "rew-out")).toEqual([]);
+    const [{ id: fresh }] = await db.sql`SELECT tide.outbox_publish('rew', '{"fresh": true}'::jsonb) AS id`;
+    const [{ generation }] = await db.sql`SELECT generation FROM tide.consumer_groups WHERE group_name = 'rew-out'`;
+    const batch = await db.sql`SELECT id FROM tide.consumer_next_batch('rew', 'rew-out', 100)`;
+    expect(batch.map((r) => r.id)).toEqual([fresh]);
+    // A relay is delivering that batch when an operator rewinds; its acknowledgement comes after.
+    await db.sql`SELECT tide.consumer_group_rewind('rew-out', 'rew', p_to_id := ${top}, p_force := true)`;
+    const [{ moved }] = await db.sql`SELECT tide.consumer_commit('rew', 'rew-out', ${fresh}, 1, 'default', ${generation}) AS moved`;
+    expect(moved).toBe(false);
+    expect(await deliver(db.sql, "rew", "rew-out")).toEqual([fresh]);
+  });
 });
 
 describe("inbox dead letters and replay", () => {
