@@ -103,6 +103,11 @@ BEGIN
   RETURN NULL;
 END $$;
 
+-- Capture runs with the caller's own rights where they matter: capture_table and uncapture_table
+-- create and drop the triggers as the caller (PostgreSQL lets only the table's owner do that), and a
+-- backfill reads the table as the caller (so it needs SELECT on it). Only the bookkeeping, and the
+-- writes into the outbox, go through the SECURITY DEFINER helpers below, which check what they can.
+
 -- Starts capturing a table's changes into an outbox. The caller must own the table.
 CREATE FUNCTION tide.capture_table(p_table regclass, p_outbox text,
                                    p_operations text[] DEFAULT ARRAY['insert', 'update', 'delete'])
@@ -123,6 +128,10 @@ BEGIN
   IF EXISTS (SELECT 1 FROM tide.captures WHERE table_oid = p_table AND outbox_name = p_outbox) THEN
     RAISE EXCEPTION 'table % is already captured into outbox "%"', p_table, p_outbox USING ERRCODE = 'duplicate_object';
   END IF;
+  IF NOT pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = p_table), 'USAGE') THEN
+    RAISE EXCEPTION 'capture of %: only the table''s owner can capture it (you are %)', p_table, current_user
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
   FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
     CONTINUE WHEN NOT v_op = ANY (p_operations);
     EXECUTE format('CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s FOR EACH STATEMENT EXECUTE FUNCTION tide.capture_trigger(%L, %L)',
@@ -132,69 +141,120 @@ BEGIN
                 ELSE 'OLD TABLE AS tide_old_rows NEW TABLE AS tide_new_rows' END,
       p_outbox, tide.primary_key_columns(p_table)::text);
   END LOOP;
-  INSERT INTO tide.captures (table_oid, outbox_name, operations) VALUES (p_table, p_outbox, p_operations);
+  PERFORM tide.capture_register(p_table, p_outbox, p_operations);
 END $$;
 
 CREATE FUNCTION tide.capture_trigger_name(p_outbox text, p_op text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT left('tide_capture_' || p_op || '_' || p_outbox, 63) $$;
 
+-- The capture triggers of an outbox that exist on a table, by operation.
+CREATE FUNCTION tide.capture_triggers(p_table regclass, p_outbox text) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT coalesce(array_agg(op ORDER BY op), '{}') FROM unnest(ARRAY['delete', 'insert', 'update']) op
+   WHERE EXISTS (SELECT 1 FROM pg_trigger t
+                  WHERE t.tgrelid = p_table AND t.tgname = tide.capture_trigger_name(p_outbox, op)
+                    AND t.tgfoid = 'tide.capture_trigger()'::regprocedure)
+$$;
+
+-- Records a capture whose triggers the caller has just created: refused unless they exist, so the
+-- record always describes triggers that the table's owner made.
+CREATE FUNCTION tide.capture_register(p_table regclass, p_outbox text, p_operations text[]) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF NOT tide.capture_triggers(p_table, p_outbox) @> p_operations THEN
+    RAISE EXCEPTION 'capture of % into "%": its triggers do not exist; use tide.capture_table', p_table, p_outbox
+      USING ERRCODE = 'object_not_in_prerequisite_state';
+  END IF;
+  INSERT INTO tide.captures (table_oid, outbox_name, operations) VALUES (p_table, p_outbox, p_operations);
+END $$;
+
+-- Stops capturing. The caller must own the table (dropping the triggers checks it).
 CREATE FUNCTION tide.uncapture_table(p_table regclass, p_outbox text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_op text;
 BEGIN
-  DELETE FROM tide.captures WHERE table_oid = p_table AND outbox_name = p_outbox;
-  IF NOT FOUND THEN
+  IF NOT EXISTS (SELECT 1 FROM tide.captures WHERE table_oid = p_table AND outbox_name = p_outbox) THEN
     RAISE EXCEPTION 'table % is not captured into outbox "%"', p_table, p_outbox USING ERRCODE = 'undefined_object';
   END IF;
-  FOREACH v_op IN ARRAY ARRAY['insert', 'update', 'delete'] LOOP
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', tide.capture_trigger_name(p_outbox, v_op), p_table);
+  FOREACH v_op IN ARRAY tide.capture_triggers(p_table, p_outbox) LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', tide.capture_trigger_name(p_outbox, v_op), p_table);
   END LOOP;
+  PERFORM tide.capture_unregister(p_table, p_outbox);
+END $$;
+
+-- Forgets a capture (and its backfill progress) once its triggers are gone.
+CREATE FUNCTION tide.capture_unregister(p_table regclass, p_outbox text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF cardinality(tide.capture_triggers(p_table, p_outbox)) > 0 THEN
+    RAISE EXCEPTION 'capture of % into "%": its triggers still exist; use tide.uncapture_table', p_table, p_outbox
+      USING ERRCODE = 'object_in_use';
+  END IF;
+  DELETE FROM tide.captures WHERE table_oid = p_table AND outbox_name = p_outbox;
   DELETE FROM tide.capture_backfills WHERE table_oid = p_table AND outbox_name = p_outbox;
 END $$;
 
--- One backfill chunk: the next p_chunk rows after the saved key, published as "read" events, with
--- the progress saved in the same transaction. Returns the rows published (0: finished).
+-- One backfill chunk: the next p_chunk rows after the saved key, read with the caller's rights and
+-- published as "read" events, with the progress saved in the same transaction. Returns the rows
+-- published (0: finished).
 CREATE FUNCTION tide.capture_backfill_chunk(p_table regclass, p_outbox text, p_chunk integer DEFAULT 1000)
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+RETURNS integer LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_key text[] := tide.primary_key_columns(p_table);
-  v_schema text;
-  v_name text;
   v_last jsonb;
-  v_count integer;
-  v_new_last jsonb;
+  v_rows jsonb;
   v_cols text := (SELECT string_agg(format('t.%I', c), ', ') FROM unnest(v_key) c);
   v_kcols text := (SELECT string_agg(format('k.%I', c), ', ') FROM unnest(v_key) c);
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_outbox) THEN
     RAISE EXCEPTION 'outbox "%" does not exist', p_outbox USING ERRCODE = 'undefined_object';
   END IF;
-  SELECT n.nspname, c.relname INTO v_schema, v_name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
-  INSERT INTO tide.capture_backfills (table_oid, outbox_name) VALUES (p_table, p_outbox) ON CONFLICT DO NOTHING;
-  SELECT last_key INTO v_last FROM tide.capture_backfills WHERE table_oid = p_table AND outbox_name = p_outbox FOR UPDATE;
+  SELECT last_key INTO v_last FROM tide.capture_backfills WHERE table_oid = p_table AND outbox_name = p_outbox;
   EXECUTE format($q$
-    WITH chunk AS (
-      SELECT to_jsonb(t) AS j FROM %1$s t
+    SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY %2$s), '[]') FROM (
+      SELECT * FROM %1$s t
        WHERE $1 IS NULL OR (%2$s) > (SELECT %3$s FROM jsonb_populate_record(NULL::%1$s, $1) k)
-       ORDER BY %2$s LIMIT $2
-    ), published AS (
-      INSERT INTO tide.outbox_messages (outbox, topic, payload, headers)
-      SELECT $3, $4, jsonb_build_object('record', j, 'changes', NULL, 'action', 'read'),
-             tide.capture_headers('read', $5, $6, tide.row_key(j, $7))
-        FROM chunk
-      RETURNING headers -> 'key' AS k, id
-    )
-    SELECT count(*)::int, (SELECT k FROM published ORDER BY id DESC LIMIT 1) FROM published
+       ORDER BY %2$s LIMIT $2) t
   $q$, p_table, v_cols, v_kcols)
-  INTO v_count, v_new_last
-  USING v_last, p_chunk, p_outbox, v_schema || '.' || v_name, v_schema, v_name, v_key;
-  UPDATE tide.capture_backfills
-     SET last_key = coalesce(v_new_last, last_key), rows_done = rows_done + v_count,
-         finished_at = CASE WHEN v_count < p_chunk THEN now() END
-   WHERE table_oid = p_table AND outbox_name = p_outbox;
+  INTO v_rows USING v_last, p_chunk;
+  RETURN tide.capture_backfill_publish(p_table, p_outbox, v_rows, p_chunk);
+END $$;
+
+-- Publishes a chunk of rows (a JSON array in key order) as "read" events and moves the table's
+-- backfill progress past the last one; a chunk shorter than p_chunk finishes the backfill.
+-- Publishing needs no more than outbox_publish does; the rows come from capture_backfill_chunk.
+CREATE FUNCTION tide.capture_backfill_publish(p_table regclass, p_outbox text, p_rows jsonb, p_chunk integer)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_key text[] := tide.primary_key_columns(p_table);
+  v_schema text;
+  v_name text;
+  v_count integer := jsonb_array_length(p_rows);
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_outbox AND enabled) THEN
+    RAISE EXCEPTION 'outbox "%" does not exist or is disabled', p_outbox USING ERRCODE = 'undefined_object';
+  END IF;
+  SELECT n.nspname, c.relname INTO v_schema, v_name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = p_table;
+  INSERT INTO tide.outbox_messages (outbox, topic, payload, headers)
+  SELECT p_outbox, v_schema || '.' || v_name, jsonb_build_object('record', r.j, 'changes', NULL, 'action', 'read'),
+         tide.capture_headers('read', v_schema, v_name, tide.row_key(r.j, v_key))
+    FROM jsonb_array_elements(p_rows) WITH ORDINALITY AS r(j, n)
+   ORDER BY r.n;
+  INSERT INTO tide.capture_backfills AS b (table_oid, outbox_name, last_key, rows_done, finished_at)
+  VALUES (p_table, p_outbox, tide.row_key(p_rows -> -1, v_key), v_count,
+          CASE WHEN v_count < p_chunk THEN now() END)
+  ON CONFLICT (table_oid, outbox_name) DO UPDATE
+     SET last_key = coalesce(excluded.last_key, b.last_key), rows_done = b.rows_done + excluded.rows_done,
+         finished_at = excluded.finished_at;
   RETURN v_count;
 END $$;
+
+-- Forgets a table's backfill progress, so the next backfill starts from the first row.
+CREATE FUNCTION tide.capture_backfill_reset(p_table regclass, p_outbox text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  DELETE FROM tide.capture_backfills WHERE table_oid = p_table AND outbox_name = p_outbox
+$$;
 
 -- Publishes every existing row of a table as a "read" event, a chunk per transaction, so no lock is
 -- held for long. Resumable: after a crash, CALL it again and it continues after the last committed
@@ -210,7 +270,7 @@ BEGIN
     RAISE EXCEPTION 'capture_backfill: chunk must be at least 1 (got %)', p_chunk USING ERRCODE = 'invalid_parameter_value';
   END IF;
   IF p_restart THEN
-    DELETE FROM tide.capture_backfills WHERE table_oid = p_table AND outbox_name = p_outbox;
+    PERFORM tide.capture_backfill_reset(p_table, p_outbox);
   ELSIF EXISTS (SELECT 1 FROM tide.capture_backfills
                  WHERE table_oid = p_table AND outbox_name = p_outbox AND finished_at IS NOT NULL) THEN
     RAISE NOTICE 'backfill of % into "%" already finished; pass p_restart => true to run it again', p_table, p_outbox;
@@ -227,10 +287,15 @@ END $$;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA tide FROM PUBLIC;
 REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA tide FROM PUBLIC;
 REVOKE ALL ON tide.captures, tide.capture_backfills FROM PUBLIC;
-GRANT SELECT ON tide.captures, tide.capture_backfills TO tide_reader, tide_relay;
+GRANT SELECT ON tide.captures, tide.capture_backfills TO tide_reader, tide_relay, tide_publisher;
+-- capture_table checks the outbox exists as the caller.
+GRANT SELECT ON tide.outboxes TO tide_publisher;
 -- Creating a trigger needs EXECUTE on its function (firing it does not): table owners get it via tide_publisher.
 GRANT EXECUTE ON FUNCTION tide.capture_trigger() TO tide_publisher, tide_relay;
 GRANT EXECUTE ON FUNCTION tide.capture_table(regclass, text, text[]), tide.uncapture_table(regclass, text),
   tide.capture_backfill_chunk(regclass, text, integer), tide.primary_key_columns(regclass),
-  tide.capture_trigger_name(text, text) TO tide_publisher, tide_relay;
+  tide.capture_trigger_name(text, text), tide.capture_triggers(regclass, text),
+  tide.capture_register(regclass, text, text[]), tide.capture_unregister(regclass, text),
+  tide.capture_backfill_publish(regclass, text, jsonb, integer), tide.capture_backfill_reset(regclass, text)
+  TO tide_publisher, tide_relay;
 GRANT EXECUTE ON PROCEDURE tide.capture_backfill(regclass, text, integer, boolean) TO tide_publisher, tide_relay;

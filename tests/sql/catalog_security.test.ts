@@ -25,6 +25,7 @@ beforeAll(async () => {
   }
 });
 afterAll(async () => {
+  await db.sql`DROP TABLE IF EXISTS pub_orders`;
   for (const user of Object.values(users)) await db.sql.unsafe(`DROP ROLE IF EXISTS ${user}`);
   await db.drop();
 });
@@ -109,6 +110,55 @@ describe("roles", () => {
     });
     const [lag] = await db.sql`SELECT lag FROM tide.consumer_lag`;
     expect(lag.lag).toBe(0n);
+  });
+});
+
+describe("capture with the caller's own rights", () => {
+  beforeAll(async () => {
+    await db.sql.unsafe(`
+      CREATE TABLE pub_orders (id int PRIMARY KEY, total int);
+      INSERT INTO pub_orders SELECT g, g * 10 FROM generate_series(1, 5) g;
+      ALTER TABLE pub_orders OWNER TO ${users.publisher};
+      CREATE TABLE private_people (id int PRIMARY KEY, ssn text);
+      INSERT INTO private_people VALUES (1, '123-45-6789');
+      SELECT tide.outbox_create('captured');`);
+  });
+  const messages = async () =>
+    (await db.sql`SELECT payload FROM tide.outbox_messages WHERE outbox = 'captured' ORDER BY id`).map((r) => r.payload);
+
+  it("a table owner with only tide_publisher captures, backfills and uncaptures its table", async () => {
+    await as(users.publisher, async (conn) => {
+      await conn`SELECT tide.capture_table('pub_orders', 'captured')`;
+      await conn`INSERT INTO pub_orders VALUES (6, 60)`;
+      await conn`CALL tide.capture_backfill('pub_orders', 'captured', 4)`;
+      await conn`CALL tide.capture_backfill('pub_orders', 'captured', p_restart => true)`;
+      await conn`SELECT tide.uncapture_table('pub_orders', 'captured')`;
+      await conn`INSERT INTO pub_orders VALUES (7, 70)`;
+    });
+    const payloads = await messages();
+    expect(payloads.map((p) => `${p.action}:${p.record.id}`)).toEqual([
+      "insert:6", ...[1, 2, 3, 4, 5, 6].map((id) => `read:${id}`), ...[1, 2, 3, 4, 5, 6].map((id) => `read:${id}`),
+    ]);
+    expect(await db.sql`SELECT * FROM tide.captures`).toHaveLength(0);
+    expect(await db.sql`SELECT tgname FROM pg_trigger WHERE tgrelid = 'pub_orders'::regclass`).toHaveLength(0);
+  });
+
+  it("refuses to capture someone else's table, or to backfill rows the caller cannot read", async () => {
+    await as(users.publisher, async (conn) => {
+      await expectError(conn`SELECT tide.capture_table('private_people', 'captured')`, "only the table's owner can capture it");
+      await expectError(conn`CALL tide.capture_backfill('private_people', 'captured')`, "permission denied for table private_people");
+      await expectError(conn`SELECT tide.capture_backfill_chunk('private_people', 'captured', 10)`, "permission denied for table private_people");
+      await expectError(conn`SELECT tide.capture_register('private_people', 'captured', ARRAY['insert'])`, "its triggers do not exist");
+    });
+    await db.sql`INSERT INTO private_people VALUES (2, '987-65-4321')`;
+    expect(JSON.stringify(await messages())).not.toContain("ssn");
+    expect(await db.sql`SELECT * FROM tide.captures`).toHaveLength(0);
+  });
+
+  it("the owner of a captured table cannot forget the capture while its triggers run", async () => {
+    await db.sql`SELECT tide.capture_table('private_people', 'captured', ARRAY['insert'])`;
+    await expectError(db.sql`SELECT tide.capture_unregister('private_people', 'captured')`, "its triggers still exist");
+    await db.sql`SELECT tide.uncapture_table('private_people', 'captured')`;
   });
 });
 
