@@ -1,5 +1,5 @@
-// Waiting between retries: capped exponential backoff with full jitter, and a sleep that an abort
-// signal cuts short.
+// Waiting between retries: capped exponential backoff with jitter, and a sleep that an abort signal
+// cuts short.
 
 export interface BackoffPolicy {
   initialMs: number;
@@ -8,10 +8,14 @@ export interface BackoffPolicy {
 
 export const DEFAULT_BACKOFF: BackoffPolicy = { initialMs: 200, maxMs: 30_000 };
 
-/** Delay before retry number `attempt` (1 = first retry): random in [0, min(max, initial * 2^(attempt-1))]. */
+/**
+ * Delay before retry number `attempt` (1 = first retry): random in [c/2, c] where
+ * c = min(max, initial * 2^(attempt-1)).
+ */
 export function backoffDelay(attempt: number, policy: BackoffPolicy = DEFAULT_BACKOFF): number {
   const ceiling = Math.min(policy.maxMs, policy.initialMs * 2 ** Math.max(0, attempt - 1));
-  // Full jitter keeps many relays retrying one broken target from hitting it in lockstep.
+  // "Equal jitter": the wait still grows with each attempt, and many relays retrying one broken
+  // target do not hit it in lockstep.
   return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
 }
 

@@ -204,6 +204,10 @@ export class ForwardWorker {
       for (const message of pending) {
         const failure = failed.get(message.id);
         if (!failure) continue;
+        if (failure.heldBack) {
+          retry.push(message); // not tried: no attempt spent
+          continue;
+        }
         const count = (attempts.get(message.id) ?? 0) + 1;
         attempts.set(message.id, count);
         const budgetSpent = this.#retry.maxAttempts > 0 && count >= this.#retry.maxAttempts;
@@ -216,7 +220,10 @@ export class ForwardWorker {
       if (dead.length > 0 && this.#pauseOnFailure) {
         // The position stops right before the message: everything earlier in the batch is
         // acknowledged, and the pipeline waits for its config to change (or to be stopped).
-        const blocked = dead.reduce((low, d) => (d.message.id < low ? d.message.id : low), dead[0].message.id);
+        // Messages still waiting for a retry are not delivered either: the position stops before
+        // the first of them too.
+        const blocked = [...dead.map((d) => d.message.id), ...retry.map((m) => m.id)]
+          .reduce((low, id) => (id < low ? id : low));
         const before = batch.filter((m) => m.id < blocked);
         if (before.length > 0) await this.#acknowledge(before, []);
         this.status.fail(new Error(dead[0].error), "paused: a message cannot be delivered (on_failure = pause)", { id: String(blocked) });

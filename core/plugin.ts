@@ -48,6 +48,11 @@ export interface DeliveryFailure {
   error: Error;
   /** false: retrying cannot help (bad payload, 4xx); the message goes to the DLQ at once. */
   retriable: boolean;
+  /**
+   * true: the sink did not try this message at all (an earlier one failed and order must hold).
+   * It is retried, and the attempt does not count against the message's retry budget.
+   */
+  heldBack?: boolean;
 }
 
 export interface SinkInstance {

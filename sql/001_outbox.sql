@@ -101,6 +101,13 @@ BEGIN
   IF p_payload IS NULL THEN
     RAISE EXCEPTION 'outbox "%": payload must not be NULL', p_outbox USING ERRCODE = 'null_value_not_allowed';
   END IF;
+  -- outbox_publish('o', '{"a": 1}', '{"event_type": "x"}') without casts resolves to this form (an
+  -- untyped literal prefers text), which would store the payload as the topic.
+  IF p_topic ~ '^\s*(\{.*\}|\[.*\])\s*$' THEN
+    RAISE EXCEPTION 'outbox "%": the topic looks like JSON (%); was it meant as the payload?', p_outbox, left(p_topic, 60)
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'cast JSON arguments: tide.outbox_publish(''' || p_outbox || ''', ''{...}''::jsonb, ''{...}''::jsonb)';
+  END IF;
   IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
     RAISE EXCEPTION 'outbox "%": headers must be a JSON object (got %)', p_outbox, jsonb_typeof(p_headers)
       USING ERRCODE = 'invalid_parameter_value';

@@ -33,6 +33,8 @@ const configSchema = z
         header: z.string().regex(HEADER_NAME, "must be a valid HTTP header name").optional(),
       })
       .optional(),
+    /** Retry every non-2xx answer until 2xx, 4xx included (they go to the DLQ otherwise). */
+    retry_client_errors: z.boolean().default(false),
     /** Refuse targets that are, or resolve to, loopback/private/link-local addresses. */
     ssrf_guard: z.boolean().default(false),
   })
@@ -134,7 +136,7 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
       return undefined;
     }
     const answer = `${target} answered ${status}${await bodySnippet(response)}`;
-    if (status === 408 || status === 429 || status >= 500) return transient(answer);
+    if (status === 408 || status === 429 || status >= 500 || config.retry_client_errors) return transient(answer);
     return permanent(status >= 300 && status < 400 ? `${answer} (redirects are not followed)` : answer);
   }
 
@@ -166,7 +168,7 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
           `${where}: not sent because message ${message.id} before it failed: ${failure.error.message}`,
           failure.error,
         );
-        failures.push({ id: later.id, error, retriable: true });
+        failures.push({ id: later.id, error, retriable: true, heldBack: true });
       }
       break;
     }

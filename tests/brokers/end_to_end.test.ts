@@ -11,7 +11,7 @@ import {
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
 import { startRelay, waitFor } from "../support/relay.ts";
 import { runBlock } from "../support/seeds.ts";
-import { reachable, requireService } from "../support/services.ts";
+import { REQUIRE_SERVICES, reachable, requireService } from "../support/services.ts";
 
 const kafkaUp = await requireService("kafka", "127.0.0.1", 9092);
 const natsUp = await requireService("nats", "127.0.0.1", 4222);
@@ -356,9 +356,17 @@ describe.skipIf(!up)("tutorial: end-to-end pipeline with the relay, Kafka and NA
     expect([...pending]).toEqual([{ event_id: "payments:nats:seq-4", retry_count: 0 }]);
   });
 
-  it.skipIf(!kafkaManagedByScript())(
+  // The outage is real: the test stops the broker and starts it again, which it can only do to a
+  // broker that scripts/kafka.sh of this checkout started (a proxy would not do: Kafka clients go
+  // to the advertised address).
+  const ownKafka = kafkaManagedByScript();
+  const notOurs = "the Kafka at 127.0.0.1:9092 was not started by this checkout's scripts/kafka.sh, " +
+    "so this test cannot stop it; stop that broker and run scripts/kafka.sh start";
+  if (!ownKafka && !REQUIRE_SERVICES) console.warn(`skipping the Kafka outage test: ${notOurs}`);
+  it.skipIf(!ownKafka && !REQUIRE_SERVICES)(
     "part 4: with Kafka stopped order 4 waits in outbox_pending, and arrives by itself once Kafka is back",
     async () => {
+      if (!ownKafka) throw new Error(`${notOurs} (TIDE_REQUIRE_SERVICES=1)`);
       try {
         await kafkaScript("stop");
         await waitFor("Kafka to stop answering", async () => !(await reachable("127.0.0.1", 9092)));

@@ -76,6 +76,62 @@ describe("webhook delivery under failures", () => {
     }
   }, 60_000);
 
+  it("with retry_client_errors, retries a 4xx until the endpoint accepts it instead of dead-lettering", async () => {
+    const { state, server, url } = flakyEndpoint();
+    state.mode = "ok";
+    try {
+      await db.sql`SELECT tide.outbox_create('patient')`;
+      await db.sql`SELECT tide.relay_set_outbox('patient', 'patient', 'webhook', ${db.sql.json({
+        url, retry_client_errors: true, retry: { initial_backoff_ms: 10, max_backoff_ms: 50 },
+      })})`;
+      await db.sql`SELECT tide.outbox_publish('patient', '{"n": 1, "poison": true}'::jsonb)`;
+      await db.sql`SELECT tide.outbox_publish('patient', '{"n": 2}'::jsonb)`;
+      await waitFor("the 422 to be retried", async () => {
+        const [row] = await db.sql`SELECT healthy, last_error FROM tide.relay_pipeline_state WHERE pipeline = 'patient'`;
+        return row?.healthy === false && row.last_error.includes("422");
+      });
+      expect(state.received).toHaveLength(0);
+      state.acceptPoison = true;
+      await waitFor("both messages", () => state.received.length === 2);
+      expect(state.received.map((r) => r.body.n)).toEqual([1, 2]);
+      expect(await db.sql`SELECT 1 FROM tide.relay_dlq WHERE pipeline = 'patient'`).toHaveLength(0);
+    } finally {
+      server.stop(true);
+    }
+  }, 60_000);
+
+  it("dead-letters a message past its retry budget and delivers the ones queued behind it", async () => {
+    const { state, server, url } = flakyEndpoint();
+    state.mode = "ok";
+    const failing = Bun.serve({
+      port: 0,
+      async fetch(request) {
+        const body = await request.json();
+        if (body.stuck) return new Response("stuck", { status: 503 });
+        return fetch(url, { method: "POST", body: JSON.stringify(body) });
+      },
+    });
+    try {
+      await db.sql`SELECT tide.outbox_create('budget')`;
+      await db.sql`SELECT tide.relay_set_outbox('budget', 'budget', 'webhook', ${db.sql.json({
+        url: `http://127.0.0.1:${failing.port}/hook`,
+        retry: { initial_backoff_ms: 10, max_backoff_ms: 20, max_attempts: 3 },
+      })})`;
+      await db.sql`SELECT tide.outbox_publish('budget', '{"n": 1, "stuck": true}'::jsonb)`;
+      for (let n = 2; n <= 5; n++) await db.sql`SELECT tide.outbox_publish('budget', ${db.sql.json({ n })})`;
+
+      await waitFor("the four messages behind the stuck one", () => state.received.length === 4);
+      expect(state.received.map((r) => r.body.n)).toEqual([2, 3, 4, 5]);
+      await waitFor("the batch to be acknowledged", async () =>
+        (await db.sql`SELECT lag FROM tide.consumer_lag WHERE group_name = 'budget'`)[0].lag === 0n);
+      const dead = await db.sql`SELECT payload, attempts FROM tide.relay_dlq WHERE pipeline = 'budget'`;
+      expect(dead.map((r) => [r.payload.n, r.attempts])).toEqual([[1, 3]]);
+    } finally {
+      failing.stop(true);
+      server.stop(true);
+    }
+  }, 60_000);
+
   it("dead-letters a poison message, delivers the rest, and redelivers it when requeued", async () => {
     const { state, server, url } = flakyEndpoint();
     state.mode = "ok";

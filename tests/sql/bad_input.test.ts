@@ -189,6 +189,19 @@ describe("publishing and marking what does not exist", () => {
     await rejects(`SELECT tide.outbox_publish('orders', '{}'::jsonb, '[1]'::jsonb)`, "headers must be a JSON object");
   });
 
+  it("publishing JSON without ::jsonb casts, which would make the payload the topic", async () => {
+    const count = async () => (await db.sql`SELECT count(*)::int AS n FROM tide.outbox_messages WHERE outbox = 'orders'`)[0].n;
+    const before = await count();
+    const error = await rejects(`SELECT tide.outbox_publish('orders', '{"a": 1}', '{"event_type": "x"}')`,
+      `outbox "orders": the topic looks like JSON`, `{"a": 1}`);
+    expect(error.hint).toContain("::jsonb");
+    await rejects(`SELECT tide.outbox_publish('orders', '[1, 2]', '{}')`, "the topic looks like JSON");
+    expect(await count()).toBe(before);
+    // A plain topic with braces inside is still a topic.
+    const [{ id }] = await db.sql`SELECT tide.outbox_publish('orders', 'orders.{region}', '{}'::jsonb) AS id`;
+    await db.sql`DELETE FROM tide.outbox_messages WHERE id = ${id}`;
+  });
+
   it("marking an event that does not exist processed, by event_id or by id", async () => {
     await rejects(`SELECT tide.inbox_mark_processed('payments', 'e-404')`, `inbox "payments" has no message`, "'e-404'");
     await rejects(`SELECT tide.inbox_mark_processed('payments', 404)`, `inbox "payments" has no message with id`, "404");

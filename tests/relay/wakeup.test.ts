@@ -1,0 +1,50 @@
+// Wake-up on LISTEN: with the fallback poll set to ten minutes, a message published to an outbox
+// created with p_notify is delivered at once, because its NOTIFY wakes the pipeline's worker.
+
+import { afterAll, beforeAll, describe, expect, it } from "bun:test";
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Relay } from "../../core/relay.ts";
+import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { readJsonl, startRelay, waitFor } from "../support/relay.ts";
+
+let db: TestDatabase;
+let relay: Relay;
+let path: string;
+
+beforeAll(async () => {
+  db = await createTestDatabase();
+  path = join(await mkdtemp(join(tmpdir(), "tide-wakeup-")), "woken.jsonl");
+  await db.sql`SELECT tide.outbox_create('woken', p_notify := true)`;
+  await db.sql`SELECT tide.relay_set_outbox('woken', 'woken', 'file', ${db.sql.json({ path })})`;
+  relay = await startRelay(db.url, { pollIntervalMs: 600_000, reconcileIntervalMs: 600_000 });
+});
+afterAll(async () => {
+  await relay.stop();
+  await db.drop();
+});
+
+const position = async () =>
+  (await db.sql`SELECT updated_at, high IS NULL AS idle FROM tide.consumer_groups WHERE group_name = 'woken'`)[0];
+
+describe("LISTEN wake-up", () => {
+  it("delivers a notifying outbox's message while the worker sleeps out a ten-minute poll", async () => {
+    await db.sql`SELECT tide.outbox_publish('woken', '{"n": 1}'::jsonb)`;
+    await waitFor("the first message", async () => (await readJsonl(path)).length === 1);
+    // Wait for the worker's next (empty) read, which moves the position's updated_at: after it the
+    // worker sleeps, and only a wake-up can make it read again within the next ten minutes.
+    const acknowledged = await waitFor("the acknowledgement", async () => {
+      const row = await position();
+      return row?.idle && row;
+    });
+    await waitFor("the empty read after it", async () => (await position()).updated_at > acknowledged.updated_at);
+
+    await db.sql`SELECT tide.outbox_publish('woken', '{"n": 2}'::jsonb)`;
+    const lines = await waitFor("the second message", async () => {
+      const lines = await readJsonl(path);
+      return lines.length === 2 && lines;
+    });
+    expect(lines.map((l) => l.payload.n)).toEqual([1, 2]);
+  });
+});
