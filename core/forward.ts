@@ -270,7 +270,8 @@ export class ForwardWorker {
   /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more. */
   async #redeliverRequeued(): Promise<void> {
     const rows = await this.#options.sql<(MessageRow & { dlq_id: bigint })[]>`
-      SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload, headers, failed_at AS created_at
+      SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload, headers,
+             coalesce(message_created_at, failed_at) AS created_at
         FROM tide.relay_dlq WHERE pipeline = ${this.#row.name} AND status = 'requeued' ORDER BY id LIMIT 1000`;
     if (rows.length === 0) return;
     const messages = rows.map(toMessage);

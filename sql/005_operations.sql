@@ -149,7 +149,9 @@ CREATE TABLE tide.relay_dlq (
   attempts    integer NOT NULL DEFAULT 1,
   status      text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'requeued', 'redelivered', 'resolved')),
   failed_at   timestamptz NOT NULL DEFAULT now(),
-  updated_at  timestamptz NOT NULL DEFAULT now()
+  updated_at  timestamptz NOT NULL DEFAULT now(),
+  -- The message's own created_at, kept so that a redelivery carries its original time.
+  message_created_at timestamptz
 );
 CREATE INDEX relay_dlq_pipeline_status ON tide.relay_dlq (pipeline, status, id);
 
@@ -158,8 +160,8 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, p
 DECLARE
   v_id bigint;
 BEGIN
-  INSERT INTO tide.relay_dlq (pipeline, outbox_name, message_id, topic, payload, headers, error, attempts)
-  SELECT p_pipeline, m.outbox, m.id, m.topic, m.payload, m.headers, p_error, coalesce(p_attempts, 1)
+  INSERT INTO tide.relay_dlq (pipeline, outbox_name, message_id, topic, payload, headers, error, attempts, message_created_at)
+  SELECT p_pipeline, m.outbox, m.id, m.topic, m.payload, m.headers, p_error, coalesce(p_attempts, 1), m.created_at
     FROM tide.outbox_messages m WHERE m.id = p_message_id
   RETURNING id INTO v_id;
   IF v_id IS NULL THEN

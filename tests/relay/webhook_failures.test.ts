@@ -150,6 +150,8 @@ describe("webhook delivery under failures", () => {
       });
       expect(dead[0].payload).toEqual({ n: 2, poison: true });
       expect(dead[0].error).toContain("422");
+      const [original] = await db.sql`SELECT created_at FROM tide.outbox_messages WHERE id = ${dead[0].message_id}`;
+      expect(dead[0].message_created_at).toEqual(original.created_at); // a redelivery keeps its time
       const [{ lag }] = await db.sql`SELECT lag FROM tide.consumer_lag WHERE group_name = 'poison'`;
       expect(lag).toBe(0n);
 
