@@ -105,6 +105,17 @@ describe("relay_set_outbox: the three forms and the consumer group binding", () 
   });
 });
 
+describe("outbox_create_if_not_exists", () => {
+  it("creates the outbox the first time (true), leaves it as it is after (false)", async () => {
+    const [first] = await db.sql`SELECT tide.outbox_create_if_not_exists('once', 24, true) AS created`;
+    expect(first.created).toBe(true);
+    const [again] = await db.sql`SELECT tide.outbox_create_if_not_exists('once', 48) AS created`;
+    expect(again.created).toBe(false);
+    const [row] = await db.sql`SELECT retention_hours, notify FROM tide.outboxes WHERE name = 'once'`;
+    expect(row).toEqual({ retention_hours: 24, notify: true });
+  });
+});
+
 describe("relay_set_inbox", () => {
   beforeAll(async () => {
     await db.sql`SELECT tide.inbox_create('events')`;
