@@ -16,7 +16,8 @@ const FLAGS = {
 
 export const STATUS_HELP = formatHelp(
   "pg-tide status --postgres-url URL [--relay-group-id ID] [--output text|json]",
-  "Shows every pipeline: direction, source and target, owner, health, last error, lag and DLQ depth.",
+  "Shows every pipeline: direction, source and target, owner, health, position (forward), lag\n" +
+    "(forward: undelivered outbox messages; reverse: unprocessed inbox rows), DLQ depth and last error.",
   FLAGS,
 );
 
@@ -44,7 +45,7 @@ export async function statusCommand(args: string[]): Promise<number> {
 
 function table(rows: PipelineStatus[]): string {
   if (rows.length === 0) return "no pipelines (create one with tide.relay_set_outbox or tide.relay_set_inbox)\n";
-  const header = ["PIPELINE", "DIRECTION", "FROM", "TO", "STATE", "OWNER", "LAG", "DLQ", "LAST ERROR"];
+  const header = ["PIPELINE", "DIRECTION", "FROM", "TO", "STATE", "OWNER", "POSITION", "LAG", "DLQ", "LAST ERROR"];
   const body = rows.map((r) => [
     r.name,
     r.direction,
@@ -52,10 +53,17 @@ function table(rows: PipelineStatus[]): string {
     r.direction === "forward" ? r.plugin_type : r.inbox ?? "",
     !r.enabled ? "disabled" : r.healthy === false ? `failing (attempt ${r.retry_attempt}${r.circuit && r.circuit !== "closed" ? `, circuit ${r.circuit}` : ""})` : r.owner_alive ? "healthy" : "no owner",
     r.owner_alive ? r.owner ?? "" : "",
-    r.lag === null ? "" : String(r.lag),
+    r.committed_offset === null ? "" : String(r.committed_offset),
+    lag(r),
     String(r.dlq_depth),
     (r.last_error ?? "").slice(0, 60),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)));
   return [header, ...body].map((row) => row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd()).join("\n") + "\n";
+}
+
+// Reverse pipelines: what waits in the inbox for the application (the source keeps its own offsets).
+function lag(r: PipelineStatus): string {
+  if (r.direction === "reverse") return r.inbox_pending === null ? "" : `${r.inbox_pending} pending`;
+  return r.lag === null ? "" : String(r.lag);
 }

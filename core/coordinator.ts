@@ -11,6 +11,7 @@ import type { Logger } from "./log.ts";
 import type { RelayEvents } from "./events.ts";
 import type { HttpRoutes } from "./plugin.ts";
 import type { PluginRegistry } from "./plugins.ts";
+import { redactText } from "./redact.ts";
 
 export interface CoordinatorOptions {
   sql: Sql;
@@ -156,7 +157,7 @@ export class Coordinator {
       this.#log.error("pipeline cannot start", { pipeline: row.name, error: err });
       await this.#options.sql`
         INSERT INTO tide.relay_pipeline_state (pipeline, relay_group_id, owner_id, healthy, last_error, last_error_at)
-        VALUES (${row.name}, ${this.#options.relayGroupId}, NULL, false, ${err.message}, now())
+        VALUES (${row.name}, ${this.#options.relayGroupId}, NULL, false, ${redactText(err.message)}, now())
         ON CONFLICT (pipeline, relay_group_id) DO UPDATE
            SET owner_id = NULL, healthy = false, last_error = excluded.last_error, last_error_at = now()`;
       await locks`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${row.name}))`;
@@ -222,7 +223,8 @@ export class Coordinator {
     const rows = owned.map((w) => ({
       pipeline: w.name,
       healthy: w.status.healthy,
-      last_error: w.status.lastError,
+      // The catalog is read by tide_reader dashboards: no secret goes into it.
+      last_error: w.status.lastError === null ? null : redactText(w.status.lastError),
       last_error_at: w.status.lastErrorAt?.toISOString() ?? null,
       retry_attempt: w.status.attempt,
       circuit: w.status.circuit,

@@ -158,7 +158,7 @@ export class RelayMetrics {
     return this.#history.get(pipeline) ?? [];
   }
 
-  /** Messages per second over the last minute (from the history plus the open step). */
+  /** Messages per second over the last minute of completed steps (the open step until one completes). */
   throughput(pipeline: string): number {
     const points = this.history(pipeline).slice(-6);
     const total = points.reduce((sum, p) => sum + p.messages, 0);

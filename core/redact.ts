@@ -1,6 +1,6 @@
 // Secret masking for anything tide shows to people: configs (`pg-tide check`, status, logs) and
-// free text (error messages that quote a connection URL). The SQL function `relay_get_config`
-// masks the same keys, so the key list lives in one exported pattern.
+// free text (error messages that quote a connection URL). The SQL function tide.redact (behind
+// `relay_get_config`) masks the same way; tests/sql/redaction_parity.test.ts keeps the two equal.
 
 /**
  * Keys whose values are secrets, matched case-insensitively anywhere in the key
@@ -21,10 +21,11 @@ export function isSecretKey(key: string): boolean {
 
 /**
  * Deep copy of a JSON-like value with secrets masked: primitives under secret-looking keys become
- * "***", and URL passwords inside any string become `scheme://user:***@host`. Everything inside
- * an object under a secret key is masked (`credentials: { user, pass }`); an object under an
- * ordinary key is walked, so `sasl: { mechanism, username, password }` keeps its mechanism and
- * username. null stays null so that "not set" remains visible. tide.redact in SQL does the same.
+ * "***", and inside any string URL passwords become `scheme://user:***@host` and secret query
+ * parameters `?token=***`. Everything inside an object under a secret key is masked
+ * (`credentials: { user, pass }`); an object under an ordinary key is walked, so
+ * `sasl: { mechanism, username, password }` keeps its mechanism and username. null stays null so
+ * that "not set" remains visible. tide.redact in SQL does the same.
  */
 export function redactConfig(value: Record<string, unknown>): Record<string, unknown>;
 export function redactConfig(value: unknown): unknown;
@@ -32,15 +33,31 @@ export function redactConfig(value: unknown): unknown {
   return redactValue(value, false);
 }
 
-/** Masks passwords in URLs (`postgres://user:***@host`) and `password=...` pairs in free text. */
+/**
+ * Masks passwords in URLs (`postgres://user:***@host`), secret query parameters
+ * (`?token=***&page=2`) and `password=...` pairs in free text.
+ */
 export function redactText(text: string): string {
-  return text.replace(URL_PASSWORD, `$1${REDACTED}@`).replace(KEYWORD_PASSWORD, `$1${REDACTED}`);
+  return text
+    .replace(URL_PASSWORD, `$1${REDACTED}@`)
+    .replace(QUERY_SECRET, `$1${REDACTED}`)
+    .replace(KEYWORD_PASSWORD, `$1${REDACTED}`);
 }
 
 // scheme://user:password@  — the password runs to the last "@" before the path, so an unencoded
 // "@" inside it is still masked. A double quote ends it because URLs inside JSON text are common
 // and passwords containing `"` are not; when in doubt this masks too much rather than too little.
 const URL_PASSWORD = /([a-z][a-z0-9+.-]*:\/\/[^\s:@/?#"]*:)[^\s/?#"]*@/gi;
+
+// ?name=value and &name=value with a secret name: one matching SECRET_KEY_PATTERN (`access_token`,
+// `X-Amz-Credential`), or one that is a secret in URLs but too common a config key to mask there:
+// any name containing "signature" (`X-Amz-Signature`), exactly "key" (Google API keys) or "sig"
+// (Azure SAS). The value runs to the next "&", "#", whitespace or double quote; an empty value
+// stays visible.
+const QUERY_SECRET = new RegExp(
+  `([?&](?:[^\\s=&#"?]*(?:${SECRET_KEY_PATTERN.source}|signature)[^\\s=&#"?]*|key|sig)=)[^\\s&#"]+`,
+  "gi",
+);
 
 // libpq keyword strings and query parameters: `password=secret`, `password='a b'`, `?sslpassword=x&`.
 const KEYWORD_PASSWORD = /(\b[a-z_]*(?:password|passwd)\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&'";]+)/gi;

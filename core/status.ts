@@ -1,4 +1,7 @@
 // Pipeline status from the catalog: what `pg-tide status` prints and /api/v1/pipelines serves.
+// Forward pipelines have a position (committed offset) and a lag in the outbox. Reverse pipelines
+// have neither on the tide side (their source keeps its own offsets), so they report how many
+// messages wait in their inbox for the application instead.
 
 import type { Sql } from "./db.ts";
 
@@ -21,9 +24,13 @@ export interface PipelineStatus {
   retry_attempt: number;
   /** closed, open (paused after repeated failures) or half-open (probing); null when not owned. */
   circuit: string | null;
+  /** Forward: id of the last message the consumer group acknowledged (0 before the first). */
   committed_offset: number | null;
   delivered_total: number | null;
+  /** Forward: committed outbox messages not delivered yet. */
   lag: number | null;
+  /** Reverse: inbox rows the application has not processed yet (dead letters excluded). */
+  inbox_pending: number | null;
   dlq_depth: number;
 }
 
@@ -41,19 +48,30 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
            CASE WHEN p.direction = 'forward' THEN
              coalesce(tide.undelivered_count(p.outbox_name, g.low, g.high, g.cursor_id),
                       tide.undelivered_count(p.outbox_name, d.low, d.high, d.cursor_id)) END AS lag,
-           (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth
+           (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth,
+           i.table_name AS inbox_table, i.max_retries AS inbox_max_retries
       FROM tide.relay_pipelines p
+      LEFT JOIN tide.inboxes i ON i.name = p.inbox_name
       LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId}
       LEFT JOIN tide.consumer_groups g
         ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group AND g.relay_group_id = ${relayGroupId}
       LEFT JOIN tide.consumer_groups d
         ON d.outbox_name = p.outbox_name AND d.group_name = p.consumer_group AND d.relay_group_id = 'default'
      ORDER BY p.name`;
-  return rows.map((row) => ({
+  return await Promise.all(rows.map(async ({ inbox_table, inbox_max_retries, ...row }) => ({
     ...(row as any),
     committed_offset: row.committed_offset === null ? null : Number(row.committed_offset),
     delivered_total: row.delivered_total === null ? null : Number(row.delivered_total),
     lag: row.lag === null ? null : Number(row.lag),
+    inbox_pending: inbox_table === null ? null : await inboxPending(sql, inbox_table, inbox_max_retries),
     dlq_depth: Number(row.dlq_depth),
-  }));
+  })));
+}
+
+// The same rows as tide.inbox_pending, counted. Each inbox is its own table, so this is one small
+// query per reverse pipeline; the partial index on unprocessed rows keeps it cheap.
+async function inboxPending(sql: Sql, table: string, maxRetries: number): Promise<number> {
+  const [{ pending }] = await sql`
+    SELECT count(*) AS pending FROM tide.${sql(table)} WHERE processed_at IS NULL AND retry_count < ${maxRetries}`;
+  return Number(pending);
 }

@@ -42,9 +42,9 @@ export function renderStatusPage(data: StatusPageData): string {
 ${data.error ? `<div class="banner">Cannot read the catalog: ${esc(data.error)}</div>` : ""}
 <table>
 <thead><tr><th>Pipeline</th><th>Direction</th><th>From → to</th><th>State</th><th>Owner</th>
-<th class="num">Lag</th><th class="num">Msg/s (1 min)</th><th class="num">DLQ</th><th>Last error</th></tr></thead>
+<th class="num">Position</th><th class="num">Lag</th><th class="num">Msg/s (1 min)</th><th class="num">DLQ</th><th>Last error</th></tr></thead>
 <tbody>
-${rows || `<tr><td colspan="9" class="off">No pipelines yet: create one with tide.relay_set_outbox or tide.relay_set_inbox.</td></tr>`}
+${rows || `<tr><td colspan="10" class="off">No pipelines yet: create one with tide.relay_set_outbox or tide.relay_set_inbox.</td></tr>`}
 </tbody>
 </table>
 <div class="charts">
@@ -68,8 +68,16 @@ function renderRow(p: ApiPipeline): string {
     ? `<span class="ok">healthy</span>`
     : `<span class="off">no owner</span>`;
   return `<tr><td>${esc(p.name)}</td><td>${p.direction}</td><td>${esc(from)} → ${esc(to)}</td><td>${state}</td>
-<td>${esc(p.owner ?? "")}</td><td class="num">${p.lag ?? ""}</td><td class="num">${p.throughput_per_second}</td>
+<td>${esc(p.owner ?? "")}</td><td class="num">${p.committed_offset ?? ""}</td>${lagCell(p)}<td class="num">${p.throughput_per_second}</td>
 <td class="num">${p.dlq_depth}</td><td class="error">${esc(p.last_error ?? "")}</td></tr>`;
+}
+
+// A reverse pipeline has no lag tide can measure (its source keeps the offsets): it shows what
+// waits in its inbox for the application instead.
+function lagCell(p: ApiPipeline): string {
+  if (p.direction === "forward") return `<td class="num">${p.lag ?? ""}</td>`;
+  if (p.inbox_pending === null) return `<td class="num"></td>`;
+  return `<td class="num" title="inbox rows the application has not processed yet">${p.inbox_pending} pending</td>`;
 }
 
 function renderCharts(p: ApiPipeline): string {

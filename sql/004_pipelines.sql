@@ -36,12 +36,16 @@ CREATE TABLE tide.relay_pipeline_state (
   PRIMARY KEY (pipeline, relay_group_id)
 );
 
--- Secrets never leave through the API: values under secret-looking keys, and passwords in URLs.
+-- Secrets never leave through the API: values under secret-looking keys, passwords in URLs and
+-- secret query parameters.
 CREATE FUNCTION tide.redact(p_value jsonb, p_all boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  -- The same key pattern, URL and keyword rules as core/redact.ts.
+  -- The same key pattern, URL, query parameter and keyword rules as core/redact.ts.
   c_secret_key CONSTANT text := 'password|passwd|passphrase|secret|token|api[_-]?key|credential|private[_-]?key|authorization|signing[_-]?key|cookie';
+  -- ?name=value with a secret name: the key pattern or "signature" inside it, or exactly key / sig.
+  c_query_secret CONSTANT text :=
+    '([?&](?:[^\s=&#"?]*(?:' || c_secret_key || '|signature)[^\s=&#"?]*|key|sig)=)[^\s&#"]+';
 BEGIN
   CASE jsonb_typeof(p_value)
     WHEN 'object' THEN
@@ -57,8 +61,9 @@ BEGIN
       IF p_all OR (p_value #>> '{}') ~ '-----BEGIN [A-Z ]*PRIVATE KEY-----' THEN
         RETURN '"***"';
       END IF;
-      RETURN to_jsonb(regexp_replace(regexp_replace(p_value #>> '{}',
+      RETURN to_jsonb(regexp_replace(regexp_replace(regexp_replace(p_value #>> '{}',
         '([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/?#"]*:)[^\s/?#"]*@', '\1***@', 'g'),
+        c_query_secret, '\1***', 'gi'),
         '(\m[a-z_]*(password|passwd)\s*=\s*)(''(?:[^''\\]|\\.)*''|[^\s&''";]+)', '\1***', 'gi'));
     ELSE
       IF p_all AND jsonb_typeof(p_value) <> 'null' THEN

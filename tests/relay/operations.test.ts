@@ -133,6 +133,24 @@ describe("failures", () => {
   }, 40_000);
 });
 
+describe("errors in the catalog", () => {
+  it("are stored with secrets masked, since dashboards read them", async () => {
+    await start();
+    await db.sql`SELECT tide.outbox_create('leaky')`;
+    // A sink error that quotes a URL with a password: the relay cannot create this file.
+    await db.sql`SELECT tide.relay_set_outbox('leaky', 'leaky', 'file',
+      '{"path": "/dev/null/postgres://tide:Sup3rSecret@db.internal/out.jsonl"}'::jsonb)`;
+    await db.sql`SELECT tide.outbox_publish('leaky', '{"n": 1}'::jsonb)`;
+    const [row] = await waitFor("the failure to be recorded", async () => {
+      const rows = await db.sql`SELECT last_error FROM tide.relay_pipeline_state WHERE pipeline = 'leaky' AND last_error IS NOT NULL`;
+      return rows.length > 0 && rows;
+    });
+    expect(row.last_error).toContain("postgres://tide:***@db.internal");
+    expect(row.last_error).not.toContain("Sup3rSecret");
+    await db.sql`SELECT tide.relay_disable('leaky')`;
+  });
+});
+
 describe("inbox sink", () => {
   it("delivers an outbox into an inbox of the same database, and of another one, without duplicates", async () => {
     const other = await createTestDatabase();

@@ -18,6 +18,12 @@ const CASES: Record<string, unknown>[] = [
   { token: 12345, secret: true, password: null, headers: { "X-Api-Key": "k", Accept: "json" } },
   { signing: { scheme: "hmac-sha256", secret: "whsec_abc" }, brokers: ["kafka:9092"] },
   { ssl: { key: "-----BEGIN PRIVATE KEY-----\nMIIEv\n-----END PRIVATE KEY-----", cert: "-----BEGIN CERTIFICATE-----" }, key: "{event_type}" },
+  { url: "https://hookuser:pw-77@hooks.example.com/in?token=QueryTok77&page=2", callback: "https://app/cb?a=1&access_token=at-9#top" },
+  {
+    presigned: "https://s3.example.com/b/o?X-Amz-Credential=AKIA1%2F20260101&X-Amz-Expires=60&X-Amz-Signature=5ig9",
+    maps: "https://maps.example.com/api?key=AIzaKey&monkey=banana&sig=sas5ig&ApiKey=K2ey&api_key=",
+  },
+  { note: 'failed: "POST http://h/?secret=qu0ted" answered 500', plain: "token=not-a-query key=kept", dsn: "postgres://h/db?sslpassword=ss1&sslmode=require" },
 ];
 
 describe("redaction", () => {
@@ -25,7 +31,19 @@ describe("redaction", () => {
     it(`masks case ${i + 1} identically in SQL and TypeScript`, async () => {
       const [{ redacted }] = await db.sql`SELECT tide.redact(${db.sql.json(config as any)}::jsonb) AS redacted`;
       expect(redacted).toEqual(redactConfig(config));
-      expect(JSON.stringify(redacted)).not.toMatch(/s3cret|p@ss|kw-secret|two words|whsec_abc|Bearer x|MIIEv/);
+      expect(JSON.stringify(redacted)).not.toMatch(
+        /s3cret|p@ss|kw-secret|two words|whsec_abc|Bearer x|MIIEv|pw-77|QueryTok77|at-9|AKIA1|5ig9|AIzaKey|sas5ig|K2ey|qu0ted|ss1/,
+      );
     });
   }
+});
+
+describe("query parameter redaction", () => {
+  it("masks secret parameters and keeps the rest of the URL readable, in SQL and TypeScript", async () => {
+    const config = { url: "https://hooks.example.com/in?page=2&token=QueryTok77&monkey=banana&sig=&X-Amz-Signature=5ig9#top" };
+    const expected = { url: "https://hooks.example.com/in?page=2&token=***&monkey=banana&sig=&X-Amz-Signature=***#top" };
+    const [{ redacted }] = await db.sql`SELECT tide.redact(${db.sql.json(config)}::jsonb) AS redacted`;
+    expect(redacted).toEqual(expected);
+    expect(redactConfig(config)).toEqual(expected);
+  });
 });

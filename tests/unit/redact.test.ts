@@ -112,8 +112,25 @@ describe("text redaction", () => {
     expect(redactText("postgres://db/app?sslpassword=k&user=relay")).toBe("postgres://db/app?sslpassword=***&user=relay");
   });
 
+  it("masks query parameters with a secret name and keeps the others", () => {
+    expect(redactText("POST https://hooks.example.com/in?page=2&token=QueryTok77&monkey=banana#top failed")).toBe(
+      "POST https://hooks.example.com/in?page=2&token=***&monkey=banana#top failed",
+    );
+    expect(redactText("GET /cb?access_token=a1&ApiKey=k2&client_secret=c3&X-Amz-Credential=AKIA&X-Amz-Signature=s4")).toBe(
+      "GET /cb?access_token=***&ApiKey=***&client_secret=***&X-Amz-Credential=***&X-Amz-Signature=***",
+    );
+    expect(redactText('{"url":"https://maps.example.com/api?key=AIza&sig=sas&keyword=x"}')).toBe(
+      '{"url":"https://maps.example.com/api?key=***&sig=***&keyword=x"}',
+    );
+  });
+
+  it("leaves empty query values and secret-looking words outside a query alone", () => {
+    const text = "GET /in?token=&page=1 with token=abc and key=orders";
+    expect(redactText(text)).toBe(text);
+  });
+
   it("is idempotent", () => {
-    const once = redactText("postgres://relay:s3cret@db/app password=x");
+    const once = redactText("postgres://relay:s3cret@db/app?token=t password=x");
     expect(redactText(once)).toBe(once);
   });
 });
