@@ -1,7 +1,8 @@
 // Kafka compression codecs. kafkajs ships gzip only; snappy, lz4 and zstd come from optional codec
 // packages, registered into kafkajs's global codec table when present. The sink needs the codec it
-// compresses with (a missing one is a config error naming what is available); the source registers
-// whatever is installed so that it can read batches other producers compressed.
+// compresses with (a missing one fails config validation, naming the package and what is
+// available); the source registers whatever is installed so that it can read batches other
+// producers compressed.
 
 import { CompressionCodecs, CompressionTypes } from "kafkajs";
 
@@ -34,8 +35,9 @@ export async function ensureCodec(compression: Compression): Promise<string | un
   if (compression === "none" || compression === "gzip") return undefined;
   if (await loadCodec(compression)) return undefined;
   const available = await availableCompressions();
-  return `compression "${compression}" is not available: its codec package ${CODEC_PACKAGES[compression]} is not installed ` +
-    `(available: ${available.join(", ")})`;
+  const pkg = CODEC_PACKAGES[compression];
+  return `compression "${compression}" is not available: its codec package ${pkg} is not installed; ` +
+    `install it next to tide's source (npm install ${pkg}) or choose another (available: ${available.join(", ")})`;
 }
 
 /** Every compression this build can use; registers the optional codecs found on the way. */

@@ -1,14 +1,15 @@
 // Sink "kafka": produces each outbox message as one Kafka record (value = JSON payload, key from a
-// template, tide metadata in headers) with kafkajs's idempotent producer, one sendBatch per publish.
-// Resolves once the broker acknowledged at the configured acks level. Network and broker trouble
-// fails the whole batch (retried); records that no retry can fix go to the DLQ one by one.
+// template or the message's `key` header, tide metadata in headers) with kafkajs's idempotent
+// producer, one sendBatch per publish. Resolves once the broker acknowledged at the configured acks
+// level. Network and broker trouble fails the whole batch (retried); records that no retry can fix
+// go to the DLQ one by one.
 
 import { type Message, Partitioners, type Producer, type TopicMessages } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, kafkaErrorTypes, TOPIC_NAME } from "./connection.ts";
-import { PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import { headerText, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
 
@@ -22,7 +23,10 @@ const configSchema = z
       .optional(),
     /** Per-message topic, e.g. `orders.{event_type}`. */
     topic_template: z.string().min(1).optional(),
-    /** Record key template, e.g. `{event_type}` or `{payload.order_id}`; absent: no key. */
+    /**
+     * Record key template, e.g. `{event_type}` or `{payload.order_id}`. Absent: the message's `key`
+     * header (table capture puts the row's primary key there; non-strings as JSON text), else no key.
+     */
     key: z.string().optional(),
     acks: z
       .union([z.literal("all"), z.literal(-1), z.literal(1), z.literal(0), z.literal("-1"), z.literal("1"), z.literal("0")], {
@@ -30,7 +34,14 @@ const configSchema = z
       })
       .default("all")
       .transform((acks) => ACKS[String(acks) as keyof typeof ACKS]),
-    compression: z.enum(COMPRESSIONS).default("none"),
+    /** snappy, lz4 and zstd need their codec package: checked here, so that `pg-tide check` reports a missing one. */
+    compression: z
+      .enum(COMPRESSIONS)
+      .default("none")
+      .superRefine(async (compression, issues) => {
+        const unavailable = await ensureCodec(compression);
+        if (unavailable) issues.addIssue({ code: "custom", message: unavailable });
+      }),
     /** Idempotent producer (no duplicates from kafkajs's own retries); needs acks "all". Default: on when acks is "all". */
     idempotent: z.boolean().optional(),
     /** Broker acknowledgement timeout and request timeout. */
@@ -99,6 +110,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     try {
       topic = config.topic ?? ctx.render(config.topic_template!, message);
       if (config.key) key = ctx.render(config.key, message);
+      else key = keyHeader(message);
     } catch (error) {
       return permanent(message, `cannot render the topic or key: ${messageOf(error)}`, error);
     }
@@ -106,7 +118,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       return permanent(message, `topic "${topic}" from template "${config.topic_template}" is not a valid Kafka topic name`);
     }
     const headers: Record<string, string> = {};
-    for (const [name, value] of Object.entries(message.headers)) if (typeof value === "string") headers[name] = value;
+    for (const [name, value] of Object.entries(message.headers)) headers[name] = headerText(value);
     headers["tide-dedup-key"] = message.dedupKey;
     headers["tide-event-type"] = message.eventType;
     headers["tide-outbox"] = message.outbox;
@@ -204,6 +216,12 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       return Promise.resolve(producer ? { ok: true } : { ok: false, detail: "not connected" });
     },
   };
+}
+
+/** The `key` header as a record key, so that all changes of one captured row land in one partition. */
+function keyHeader(message: OutboxMessage): string | null {
+  const value = message.headers.key;
+  return value === undefined || value === null ? null : headerText(value);
 }
 
 function isPermanent(error: unknown): boolean {

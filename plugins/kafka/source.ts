@@ -8,6 +8,7 @@ import { z } from "zod";
 import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
 import { availableCompressions } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, TOPIC_NAME } from "./connection.ts";
+import { cloudEventId } from "../shared.ts";
 
 const topicName = z.string().regex(TOPIC_NAME, "must be a Kafka topic name (letters, digits, '.', '_', '-')");
 
@@ -250,11 +251,14 @@ function toInbound(topic: string, partition: number, record: KafkaMessage, quali
     // A repeated header arrives as a list; keep all its values.
     headers[name] = Array.isArray(value) ? value.map((v) => v.toString()) : value.toString();
   }
-  const eventId = EVENT_ID_HEADERS.map((name) => headers[name]).find((v): v is string => typeof v === "string" && v !== "");
+  const payload = parseValue(record.value);
+  // A structured CloudEvents body carries its id inside; binary mode has it in the ce_id header.
+  const eventId = EVENT_ID_HEADERS.map((name) => headers[name]).find((v): v is string => typeof v === "string" && v !== "") ??
+    cloudEventId(payload);
   return {
     eventId,
     transportId: qualifyTopic ? `kafka:${topic}/${partition}-${record.offset}` : `kafka:${partition}-${record.offset}`,
-    payload: parseValue(record.value),
+    payload,
     headers,
     source: `kafka:${topic}`,
   };

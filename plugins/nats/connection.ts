@@ -1,13 +1,22 @@
 // What the nats sink and source share: the connection keys of their configs (servers, token,
 // user/password, creds file, TLS), opening a connection from them with errors that name the servers
-// (credentials hidden), the JetStream stream lookup by subject, and the header/payload conversions.
+// (credentials hidden), the JetStream stream lookup by subject, publish permission errors, and the
+// header/payload/event id conversions.
 
 import { readFile } from "node:fs/promises";
-import { connect, credsAuthenticator, type MsgHdrs, type NatsConnection, type NodeConnectionOptions } from "@nats-io/transport-node";
+import {
+  connect,
+  credsAuthenticator,
+  Match,
+  type MsgHdrs,
+  type NatsConnection,
+  type NodeConnectionOptions,
+  PermissionViolationError,
+} from "@nats-io/transport-node";
 import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
-import { messageOf } from "../shared.ts";
+import { cloudEventId, messageOf } from "../shared.ts";
 
 /** `nats://host:4222`, `"a:4222,b:4222"` or a list; normalized to a list. */
 const serversSchema = z
@@ -97,10 +106,55 @@ export async function connectNats(config: ConnectionConfig, ctx: PluginContext, 
   try {
     nc = await connect(options);
   } catch (error) {
-    throw ctx.errors.transient(`${where}: cannot connect to NATS ${config.url.map(redactUrl).join(",")}: ${messageOf(error)}`, error);
+    const refused = /authorization violation|authentication/i.test(messageOf(error)) ? `; ${authProblem(config)}` : "";
+    throw ctx.errors.transient(
+      `${where}: cannot connect to NATS ${config.url.map(redactUrl).join(",")}: ${messageOf(error)}${refused}`,
+      error,
+    );
   }
   watchStatus(nc, ctx, where);
   return nc;
+}
+
+/**
+ * The subjects the server refused publishes to. A core publish has no reply: a PUB the user may
+ * not send is dropped by the server, which says so only in an asynchronous -ERR ("Permissions
+ * Violation for Publish to ...") that the client turns into a status event.
+ */
+export class PublishDenials {
+  readonly #denied = new Map<string, PermissionViolationError>();
+
+  constructor(nc: NatsConnection) {
+    void this.#watch(nc);
+  }
+
+  /** Forgets the denials seen so far (those of earlier batches). */
+  clear(): void {
+    this.#denied.clear();
+  }
+
+  /**
+   * The denials since clear(), by subject. Call it after a flush: the server answers PUBs in
+   * order, so the -ERR of every PUB sent before the flush arrived before its PONG. The status
+   * iterator hands events over in later microtasks; one macrotask turn lets it catch up.
+   */
+  async take(): Promise<Map<string, PermissionViolationError>> {
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    const denied = new Map(this.#denied);
+    this.#denied.clear();
+    return denied;
+  }
+
+  async #watch(nc: NatsConnection): Promise<void> {
+    try {
+      for await (const status of nc.status()) {
+        if (status.type !== "error" || !(status.error instanceof PermissionViolationError)) continue;
+        if (status.error.operation === "publish") this.#denied.set(status.error.subject, status.error);
+      }
+    } catch {
+      // The iterator ends with the connection.
+    }
+  }
 }
 
 /** The JetStream manager, or undefined when the server has no JetStream and the mode allows core. */
@@ -145,6 +199,15 @@ export function headersOf(headers: MsgHdrs | undefined): Record<string, string |
   return out;
 }
 
+/**
+ * The message's own id: `Nats-Msg-Id`, else its CloudEvents id (the `ce-id` header of binary
+ * mode, or the `id` of a structured CloudEvents body); undefined when it carries none.
+ */
+export function eventIdOf(headers: MsgHdrs | undefined, payload: unknown): string | undefined {
+  const header = headers?.get("Nats-Msg-Id") || headers?.get("ce-id", Match.IgnoreCase);
+  return header || cloudEventId(payload);
+}
+
 /** JSON when the body is JSON, else the text itself. */
 export function parseBody(data: Uint8Array): unknown {
   const text = new TextDecoder().decode(data);
@@ -176,6 +239,15 @@ export async function flushWithin(nc: NatsConnection, timeoutMs: number): Promis
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** Which credentials the server refused, by config key (never their value). */
+function authProblem(config: ConnectionConfig): string {
+  if (config.token) return "the server refused the 'token'";
+  if (config.user) return `the server refused 'user' "${config.user}" with its 'password'`;
+  if (config.creds_file) return `the server refused the credentials in 'creds_file' (${config.creds_file})`;
+  if (config.url.some((u) => /\/\/[^/@]*@/.test(u))) return "the server refused the credentials in 'url'";
+  return "the server requires credentials: set 'token', 'user' and 'password', or 'creds_file'";
 }
 
 export function redactUrl(url: string): string {

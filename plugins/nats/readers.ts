@@ -6,7 +6,7 @@
 import { type Msg, nanos, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { AckPolicy, type Consumer, type ConsumerConfig, DeliverPolicy, jetstream, type JetStreamManager, type JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage, PluginContext, SourceBatch } from "../../core/plugin.ts";
-import { flushWithin, headersOf, parseBody } from "./connection.ts";
+import { eventIdOf, flushWithin, headersOf, parseBody } from "./connection.ts";
 import { messageOf } from "../shared.ts";
 
 export interface NatsReader {
@@ -76,13 +76,12 @@ export async function openJetStreamReader(
   }
 
   function toInbound(m: JsMsg): InboundMessage {
-    const headers = headersOf(m.headers);
-    const msgId = m.headers?.get("Nats-Msg-Id");
+    const payload = parseBody(m.data);
     return {
-      eventId: msgId ? msgId : undefined,
+      eventId: eventIdOf(m.headers, payload),
       transportId: `nats:seq-${m.seq}`,
-      payload: parseBody(m.data),
-      headers,
+      payload,
+      headers: headersOf(m.headers),
       source: `nats:${m.subject}`,
     };
   }
@@ -163,11 +162,11 @@ export function openCoreReader(nc: NatsConnection, subject: string, queue: strin
         if (dropped++ % 1000 === 0) ctx.logger.warn(`${where}: read buffer full, dropping core NATS messages`, { dropped });
         return;
       }
-      const msgId = msg.headers?.get("Nats-Msg-Id");
+      const payload = parseBody(msg.data);
       buffer.push({
-        eventId: msgId ? msgId : undefined,
+        eventId: eventIdOf(msg.headers, payload),
         transportId: `nats:core-${CORE_ID_PREFIX}-${++coreCounter}`,
-        payload: parseBody(msg.data),
+        payload,
         headers: headersOf(msg.headers),
         source: `nats:${msg.subject}`,
       });

@@ -1,14 +1,24 @@
 // Sink "nats": publishes each outbox message (body = JSON payload) to a subject or a rendered
 // subject_template. Where a JetStream stream stores the subject, it publishes through JetStream and
 // waits for the PubAck, with Nats-Msg-Id = the dedup key so the stream drops redeliveries; elsewhere
-// it publishes on core NATS and flushes (the server got it; core NATS keeps no copy).
+// it publishes on core NATS and flushes (the server got it; core NATS keeps no copy). A publish the
+// server refuses for lack of permission fails the message (retriable), on either route.
 
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, type JetStreamClient, type JetStreamManager, type PubAck } from "@nats-io/jetstream";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
-import { checkAuth, connectionShape, connectNats, findStream, flushWithin, isPublishSubject, openManager } from "./connection.ts";
-import { PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import {
+  checkAuth,
+  connectionShape,
+  connectNats,
+  findStream,
+  flushWithin,
+  isPublishSubject,
+  openManager,
+  PublishDenials,
+} from "./connection.ts";
+import { headerText, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -67,6 +77,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   let nc: NatsConnection | undefined;
   let js: JetStreamClient | undefined;
   let jsm: JetStreamManager | undefined;
+  let denials: PublishDenials | undefined;
   let closing: Promise<void> | undefined;
 
   const failure = (message: OutboxMessage, retriable: boolean, text: string, cause?: unknown): DeliveryFailure => ({
@@ -96,9 +107,8 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   function headersFor(message: OutboxMessage): MsgHdrs {
     const h = natsHeaders();
     for (const [name, value] of Object.entries(message.headers)) {
-      if (typeof value !== "string") continue;
       try {
-        h.set(name, value.replace(/[\r\n]+/g, " "));
+        h.set(name, headerText(value).replace(/[\r\n]+/g, " "));
       } catch {
         ctx.logger.debug(`${where}: header "${name}" is not a valid NATS header name; not sent`, { id: message.id.toString() });
       }
@@ -117,7 +127,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     for (const message of batch) {
       if (blockedBy) {
         // Order: nothing after a message that waits for a stream goes out before it.
-        failures.push(failure(message, true, `held back behind message ${blockedBy.id}, which waits for a stream`));
+        failures.push({ ...failure(message, true, `held back behind message ${blockedBy.id}, which waits for a stream`), heldBack: true });
         continue;
       }
       let subject: string;
@@ -162,6 +172,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
         throw error;
       }
       nc = connection;
+      denials = new PublishDenials(connection);
     },
 
     async publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
@@ -169,6 +180,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       if (!nc || nc.isClosed()) throw ctx.errors.transient(`${where}: not connected`);
       const failures: DeliveryFailure[] = [];
       const planned = await plan(batch, failures);
+      denials!.clear();
       // Everything goes out at once, in order, on one connection; then the acks are collected.
       const sent: { item: Planned; ack?: Promise<PubAck>; error?: unknown }[] = [];
       for (const item of planned) {
@@ -188,21 +200,34 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
         }
       }
       let flushError: unknown;
+      let denied = new Map<string, Error>();
       if (sent.some((s) => s.item.route === "core" && s.error === undefined)) {
         await flushWithin(nc, config.timeout_ms).catch((error) => (flushError = error));
+        if (flushError === undefined) denied = await denials!.take();
       }
       let broken: { id: bigint; error: unknown } | undefined;
       for (const { item, ack, error: sendError } of sent) {
-        let error = sendError ?? (item.route === "core" ? flushError : undefined);
+        let error = sendError ?? (item.route === "core" ? flushError ?? denied.get(item.subject) : undefined);
         if (ack) error = await ack.then(() => undefined, (e) => e);
         if (broken) {
           // Later messages would land before the failed one on retry: fail them too (the stream drops the repeats).
-          failures.push(failure(item.message, true, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`));
+          // Not this message's own failure: its retry budget is not spent (heldBack).
+          failures.push({
+            ...failure(item.message, true, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`),
+            heldBack: true,
+          });
           continue;
         }
         if (error === undefined) continue;
         if (/max.?payload/i.test(messageOf(error))) {
           failures.push(failure(item.message, false, `too large for the NATS server: ${messageOf(error)}`, error));
+          continue;
+        }
+        if (/permissions violation/i.test(messageOf(error))) {
+          // Retriable: the message waits in the outbox until the server's permissions allow it.
+          const text = `publish to "${item.subject}" was refused: the NATS user has no permission to publish to this subject`;
+          failures.push(failure(item.message, true, `${text} (${messageOf(error)})`, error));
+          broken = { id: item.message.id, error };
           continue;
         }
         if (item.route === "jetstream") routes.delete(item.subject); // the stream may be gone: ask again

@@ -7,6 +7,7 @@ import { Buffer } from "node:buffer";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import type { InboundMessage, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
+import { cloudEventId } from "../shared.ts";
 import { secretBytes } from "./sign.ts";
 
 const configSchema = z.strictObject({
@@ -151,7 +152,7 @@ function toMessage(request: Request, bytes: Uint8Array): InboundMessage {
     ? (payload as any).id as string
     : undefined;
   const eventId = request.headers.get("webhook-id") ?? request.headers.get("x-github-delivery") ?? stripeId ??
-    request.headers.get("idempotency-key") ?? request.headers.get("ce-id") ?? undefined;
+    request.headers.get("idempotency-key") ?? request.headers.get("ce-id") ?? cloudEventId(payload);
   return {
     eventId,
     // The same body sent twice (a client retry without an id) maps to the same row.

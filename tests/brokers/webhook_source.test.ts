@@ -189,6 +189,19 @@ describe("webhook source", () => {
       expect(stored.map((r) => r.event_id)).toContain("reading-t-2-0001");
     });
 
+    it("uses a CloudEvents id as the event_id: the ce-id header (binary mode) or the id of a structured body", async () => {
+      const send = (body: string, extra: Record<string, string> = {}) =>
+        post("plain", body, { "x-tide-signature": `sha256=${hmacHex(HMAC_SECRET, body)}`, ...extra });
+      const binary = JSON.stringify({ sensor: "t-3", celsius: 18 });
+      expect((await send(binary, { "ce-id": "ce-binary-0001", "ce-specversion": "1.0" })).status).toBe(200);
+      const structured = JSON.stringify({ specversion: "1.0", id: "ce-structured-0001", type: "reading", source: "/t-3", data: { celsius: 18 } });
+      const response = await send(structured, { "content-type": "application/cloudevents+json" });
+      expect(await response.json()).toEqual({ status: "accepted", event_id: "ce-structured-0001" });
+      const stored = (await rows("hmac_events")).map((r) => r.event_id);
+      expect(stored).toContain("ce-binary-0001");
+      expect(stored).toContain("ce-structured-0001");
+    });
+
     it("stores a body that is not JSON as a JSON string", async () => {
       const body = "temperature=21.5&unit=C";
       const response = await post("plain", body, {

@@ -108,7 +108,24 @@ describe.skipIf(!up)("nats", () => {
       expect(first!.headers?.get("Nats-Msg-Id")).toBe("orders:1");
       expect(first!.headers?.get("Tide-Event-Type")).toBe("order.created");
       expect(first!.headers?.get("tenant")).toBe("acme");
-      expect(first!.headers?.has("attempt")).toBe(false);
+      expect(first!.headers?.get("attempt")).toBe("2");
+    });
+
+    it("sends header values that are not strings as JSON text", async () => {
+      const subject = `tide.headers.${token()}`;
+      const received = collect(nc, subject, 1);
+      await nc.flush();
+      const sink = natsSink.create(await parse(natsSink, { url: URL, subject, mode: "core" }), context());
+      await sink.connect();
+      try {
+        const headers = { event_type: "x", n: 3, flag: true, meta: { a: [1, "b"] }, none: null };
+        expect(await sink.publish([message(1, { headers })])).toEqual([]);
+      } finally {
+        await sink.close();
+      }
+      const [got] = await received;
+      const h = got!.headers!;
+      expect([h.get("event_type"), h.get("n"), h.get("flag"), h.get("meta"), h.get("none")]).toEqual(["x", "3", "true", '{"a":[1,"b"]}', "null"]);
     });
 
     it("publishes through JetStream with Nats-Msg-Id, so a repeated dedup key is stored once", async () => {
@@ -307,6 +324,25 @@ describe.skipIf(!up)("nats", () => {
         expect(got.map((m) => m.payload)).toEqual(["plain text", [1, 2]]);
         expect(got.map((m) => m.eventId)).toEqual(["orders:9", undefined]);
         expect(got[0]!.transportId).toMatch(/^nats:core-[0-9a-f]{8}-\d+$/);
+      } finally {
+        await source.close();
+      }
+    });
+
+    it("takes a CloudEvents id as the event id: the ce-id header, else the id of a structured CloudEvents body", async () => {
+      const subject = `tide.cloudevents.${token()}`;
+      const source = await openSource({ subject });
+      try {
+        const h = natsHeaders();
+        h.set("ce-id", "ce-binary-1");
+        h.set("ce-specversion", "1.0");
+        nc.publish(subject, JSON.stringify({ amount: 1 }), { headers: h });
+        nc.publish(subject, JSON.stringify({ specversion: "1.0", id: "ce-structured-2", type: "paid", source: "/pay", data: {} }));
+        nc.publish(subject, JSON.stringify({ id: "not-a-cloudevent" }));
+        await nc.flush();
+        const got = [];
+        while (got.length < 3) got.push(...(await source.read())!.messages);
+        expect(got.map((m) => m.eventId)).toEqual(["ce-binary-1", "ce-structured-2", undefined]);
       } finally {
         await source.close();
       }

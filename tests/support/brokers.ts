@@ -1,12 +1,18 @@
 // What the broker scenario suites (tests/brokers) share: names unique per run, a kafkajs client that
 // reads back what the relay produced (snappy included), JetStream streams that are deleted again,
-// Prometheus text parsing, and Kafka's start/stop script for the outage scenario.
+// Prometheus text parsing, Kafka's start/stop script for the outage scenario, and private
+// nats-server instances for authentication and permission scenarios.
 
 import { CompressionCodecs, CompressionTypes, Kafka, logLevel, type Consumer, type IHeaders } from "kafkajs";
 import SnappyCodec from "kafkajs-snappy";
 import { connect, headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort } from "./postgres.ts";
 import { waitFor } from "./relay.ts";
+import { reachable, REQUIRE_SERVICES } from "./services.ts";
 
 export const KAFKA_BROKER = "127.0.0.1:9092";
 export const NATS_URL = "nats://127.0.0.1:4222";
@@ -201,4 +207,52 @@ export async function scrape(port: number | undefined): Promise<string> {
   const response = await fetch(`http://127.0.0.1:${port}/metrics`);
   if (!response.ok) throw new Error(`/metrics answered ${response.status}`);
   return await response.text();
+}
+
+/**
+ * True when the `nats-server` binary is on PATH. When it is not: throws under
+ * TIDE_REQUIRE_SERVICES=1, else says why the suite is skipped (use with describe.skipIf).
+ */
+export function requireNatsServerBinary(): boolean {
+  if (Bun.which("nats-server")) return true;
+  const reason = "the nats-server binary is not on PATH";
+  if (REQUIRE_SERVICES) throw new Error(`${reason} (TIDE_REQUIRE_SERVICES=1)`);
+  console.warn(`skipping private nats-server tests: ${reason}`);
+  return false;
+}
+
+/** A nats-server of a test's own, on a free port, started from a config text; stop() ends it and removes its files. */
+export interface PrivateNatsServer {
+  url: string;
+  port: number;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts `nats-server` with `config` (its `listen` and, with JetStream, `store_dir` are added here)
+ * and waits until it accepts connections. For what the shared server cannot show: authentication
+ * and permissions.
+ */
+export async function startNatsServer(config: string, options: { jetstream?: boolean } = {}): Promise<PrivateNatsServer> {
+  const dir = await mkdtemp(join(tmpdir(), "tide-nats-"));
+  const port = await freePort();
+  const jetstream = options.jetstream ? `jetstream { store_dir: "${join(dir, "js")}" }\n` : "";
+  const log = join(dir, "nats.log");
+  await writeFile(join(dir, "nats.conf"), `listen: "127.0.0.1:${port}"\nlog_file: "${log}"\n${jetstream}${config}\n`);
+  const child = Bun.spawn(["nats-server", "-c", join(dir, "nats.conf")], { stdout: "ignore", stderr: "ignore" });
+  const stop = async () => {
+    child.kill();
+    await child.exited;
+    await rm(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitFor(`nats-server on port ${port}`, async () => {
+      if (child.exitCode !== null) throw new Error(`nats-server exited with ${child.exitCode}: ${await readFile(log, "utf8").catch(() => "")}`);
+      return await reachable("127.0.0.1", port);
+    }, 10_000);
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  return { url: `nats://127.0.0.1:${port}`, port, stop };
 }
