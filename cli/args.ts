@@ -35,19 +35,34 @@ export function parseFlags<F extends Flags>(
     );
     ({ values } = parseArgs({ args: argv, options, strict: true, allowPositionals: false }));
   } catch (error) {
-    throw new ConfigError(`pg-tide ${command}: ${(error as Error).message.replace(/\. To specify.*$/s, "")}`);
+    throw new ConfigError(`pg-tide ${command}: ${(error as Error).message.replace(/\.?\s*To specify.*$/s, "")}`);
   }
   const result: Record<string, string | boolean | undefined> = {};
+  const sources: Record<string, string> = {};
   for (const [name, spec] of Object.entries(flags)) {
     let value = values[name];
     if (value === undefined && spec.env !== undefined) {
       const fromEnv = env(spec.env);
-      if (fromEnv !== undefined && fromEnv !== "") value = spec.type === "boolean" ? /^(1|true|yes)$/i.test(fromEnv) : fromEnv;
+      if (fromEnv !== undefined && fromEnv !== "") {
+        value = spec.type === "boolean" ? /^(1|true|yes)$/i.test(fromEnv) : fromEnv;
+        sources[name] = spec.env;
+      }
     }
     result[name] = value ?? fallback[name] ?? spec.default ?? (spec.type === "boolean" ? false : undefined);
   }
+  SOURCES.set(result, sources);
   return result as Parsed<F>;
 }
+
+/**
+ * Where a parsed value came from, named as the user gave it, for error messages: its environment
+ * variable when it came from there, else the flag. (A manifest checks its own values, naming them.)
+ */
+export function sourceOf(parsed: object, flag: string): string {
+  return SOURCES.get(parsed)?.[flag] ?? `--${flag}`;
+}
+
+const SOURCES = new WeakMap<object, Record<string, string>>();
 
 export function formatHelp(usage: string, summary: string, flags: Flags): string {
   const rows = Object.entries(flags).map(([name, spec]) => {

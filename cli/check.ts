@@ -2,7 +2,7 @@
 // when a database is given) with the same code the relay runs at start, without touching any sink.
 
 import { connect, verifyConnection } from "../core/db.ts";
-import { toError } from "../core/errors.ts";
+import { ConfigError, toError } from "../core/errors.ts";
 import type { PipelineRow } from "../core/forward.ts";
 import { preparePipeline } from "../core/pipeline_config.ts";
 import { writeStdout } from "../core/runtime.ts";
@@ -18,8 +18,10 @@ const FLAGS = {
 export const CHECK_HELP = formatHelp(
   "pg-tide check [--config FILE] [--postgres-url URL]",
   "Validates the manifest, loads its drop-in plugins, and checks every pipeline config against its\n" +
-    "plugin's schema, filter and templates, without connecting to any sink or source. Exits 1 and\n" +
-    "lists each problem when something is wrong.",
+    "plugin's schema, filter and templates, without connecting to any sink or source: the manifest's\n" +
+    "[[pipelines]], and the catalog's when a database URL is given (flag, PG_TIDE_POSTGRES_URL or the\n" +
+    "manifest's [relay] postgres_url). Exits 1 and lists each problem when a pipeline config is\n" +
+    "invalid, 2 when the manifest itself cannot be used (the message names the file and the key).",
   FLAGS,
 );
 
@@ -38,6 +40,11 @@ export async function checkCommand(args: string[]): Promise<number> {
     config: p.config,
   }));
   const url = flags["postgres-url"];
+  if (!manifest && !url) {
+    throw new ConfigError(
+      "pg-tide check: nothing to check: give --config FILE (or PG_TIDE_CONFIG), --postgres-url URL (or PG_TIDE_POSTGRES_URL), or both",
+    );
+  }
   if (url) {
     const sql = connect(url, { max: 1, applicationName: "pg-tide check" });
     try {
@@ -58,7 +65,18 @@ export async function checkCommand(args: string[]): Promise<number> {
     }
   }
   if (manifest) writeStdout(`manifest ${manifest.path}: ok (${Object.keys(manifest.plugins).length} drop-in plugins)\n`);
-  writeStdout(`${rows.length - problems.length} of ${rows.length} pipeline configs are valid\n`);
+  if (!url) {
+    writeStdout(
+      "catalog not checked: no database URL (--postgres-url, PG_TIDE_POSTGRES_URL or [relay] postgres_url); " +
+        "only the manifest's [[pipelines]] were checked\n",
+    );
+  }
+  const where = url ? (manifest ? "manifest and catalog" : "catalog") : "manifest only";
+  writeStdout(
+    rows.length === 0
+      ? `no pipeline configs to check (${where})\n`
+      : `${rows.length - problems.length} of ${rows.length} pipeline configs are valid (${where})\n`,
+  );
   for (const problem of problems) writeStdout(`  ${problem}\n`);
   return problems.length ? 1 : 0;
 }

@@ -1,6 +1,7 @@
 // `pg-tide dev`: the zero-setup start. An embedded PostgreSQL 18, the schema, a demo outbox with a
 // pipeline to stdout, a few published events, and the relay delivering them until Ctrl-C.
 
+import { createServer } from "node:net";
 import { connect } from "../core/db.ts";
 import { startEmbeddedPostgres } from "../core/embedded.ts";
 import { Relay } from "../core/relay.ts";
@@ -8,6 +9,9 @@ import { installSchema } from "../core/schema.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags } from "./args.ts";
 import { loggerFromFlags, stopSignals, untilStopped } from "./run.ts";
+
+const DEFAULT_METRICS_HOST = "127.0.0.1";
+const DEFAULT_METRICS_PORT = 9090;
 
 const FLAGS = {
   port: { type: "string", placeholder: "PORT", help: "port for the embedded PostgreSQL (default: a free one)" },
@@ -19,9 +23,8 @@ const FLAGS = {
   },
   "metrics-addr": {
     type: "string",
-    default: "127.0.0.1:9090",
     placeholder: "HOST:PORT",
-    help: "the status page, /metrics and /api/v1/pipelines",
+    help: `the status page, /metrics and /api/v1/pipelines (default: ${DEFAULT_METRICS_HOST}:${DEFAULT_METRICS_PORT}, or a free port when that one is taken)`,
   },
   "log-level": { type: "string", default: "info", placeholder: "LEVEL", help: "debug, info, warn or error" },
   help: HELP_FLAG,
@@ -43,8 +46,19 @@ export async function devCommand(args: string[]): Promise<number> {
     return 0;
   }
   const logger = loggerFromFlags("text", flags["log-level"]!);
+  // Decided before PostgreSQL starts: a demo should not fail because something else has 9090.
+  const defaultTaken = flags["metrics-addr"] === undefined && !(await portIsFree(DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT));
+  const metricsAddr = flags["metrics-addr"] ?? `${DEFAULT_METRICS_HOST}:${defaultTaken ? 0 : DEFAULT_METRICS_PORT}`;
+  // Handled from the start: a Ctrl-C while PostgreSQL starts still stops it (it runs detached).
+  let relay: Relay | undefined;
+  let signalled: string | undefined;
+  const stopSignal = stopSignals(logger, () => relay).then((signal) => (signalled = signal));
   logger.info("starting embedded PostgreSQL 18");
-  const server = await startEmbeddedPostgres(flags.port ? Number(flags.port) : undefined);
+  const server = await startEmbeddedPostgres(flags.port ? Number(flags.port) : undefined).catch((error) => {
+    if (signalled) return undefined; // Ctrl-C reached initdb too; nothing is left running
+    throw error;
+  });
+  if (server === undefined) return 0;
   const sql = connect(server.url, { max: 2, applicationName: "pg-tide dev" });
   let timer: ReturnType<typeof setInterval> | undefined;
   try {
@@ -56,10 +70,18 @@ export async function devCommand(args: string[]): Promise<number> {
       `\nPublish your own event:\n  psql '${server.url}' -c ` +
         `"SELECT tide.outbox_publish('orders', '{\\"order_id\\": 42}'::jsonb, '{\\"event_type\\": \\"order.created\\"}'::jsonb)"\n\n`,
     );
-    const relay = new Relay({ postgresUrl: server.url, relayGroupId: "default", logger, metricsAddr: flags["metrics-addr"] });
-    const stopSignal = stopSignals(relay, logger);
+    if (signalled) {
+      logger.info(`${signalled}: stopping`);
+      return 0;
+    }
+    relay = new Relay({ postgresUrl: server.url, relayGroupId: "default", logger, metricsAddr });
     await relay.start();
-    writeStdout(`Status page: http://${flags["metrics-addr"]}/   metrics: http://${flags["metrics-addr"]}/metrics\n\n`);
+    const address = `${metricsAddr.replace(/:\d+$/, "")}:${relay.httpPort}`;
+    writeStdout(
+      `Status page: http://${address}/   metrics: http://${address}/metrics` +
+        (defaultTaken ? `   (${DEFAULT_METRICS_HOST}:${DEFAULT_METRICS_PORT} is taken; --metrics-addr picks another)` : "") +
+        "\n\n",
+    );
     let orderId = 0;
     const publish = () =>
       sql`SELECT tide.outbox_publish('orders', ${sql.json({ order_id: ++orderId, total: 10 * orderId })},
@@ -75,4 +97,13 @@ export async function devCommand(args: string[]): Promise<number> {
     await sql.end({ timeout: 5 });
     await server.stop();
   }
+}
+
+/** True when nothing listens on host:port yet (the relay's server binds it right after). */
+function portIsFree(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createServer();
+    probe.once("error", () => resolve(false));
+    probe.listen(port, host, () => probe.close(() => resolve(true)));
+  });
 }

@@ -4,7 +4,7 @@ import { ConfigError } from "../core/errors.ts";
 import { createLogger, isLogLevel, type Logger } from "../core/log.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS, Relay } from "../core/relay.ts";
 import { onSignal, writeStdout } from "../core/runtime.ts";
-import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
+import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl, sourceOf } from "./args.ts";
 import { CONFIG_FLAG, loadConfig, relayFallback } from "./manifest_flags.ts";
 
 export const RUN_FLAGS = {
@@ -43,7 +43,8 @@ export const RUN_FLAGS = {
     env: "PG_TIDE_DRAIN_TIMEOUT",
     default: String(DEFAULT_DRAIN_TIMEOUT_MS / 1000),
     placeholder: "SECONDS",
-    help: "on SIGTERM/SIGINT, how long in-flight batches may take to finish",
+    help: "on SIGTERM/SIGINT, how long in-flight batches may take to finish; " +
+      "those still in flight then are left unacknowledged, for the next relay to deliver",
   },
   "metrics-addr": {
     type: "string",
@@ -68,8 +69,10 @@ export const RUN_HELP = formatHelp(
   "Runs the relay: discovers the pipelines in the tide catalog (after upserting those a --config\n" +
     "manifest declares), takes ownership of each through an advisory lock, and delivers outbox\n" +
     "messages to their sinks and source messages to their inboxes. Catalog changes apply without a\n" +
-    "restart (NOTIFY, SIGHUP, and a periodic check). SIGTERM or SIGINT drains in-flight batches and\n" +
-    "exits 0. Flags override environment variables, which override the manifest's [relay] settings.",
+    "restart (NOTIFY, SIGHUP, and a periodic check). SIGTERM or SIGINT drains in-flight batches (up\n" +
+    "to --drain-timeout; a batch cut off then is not acknowledged and is delivered again by the next\n" +
+    "relay), releases the pipelines and exits 0. Flags override environment variables, which\n" +
+    "override the manifest's [relay] settings.",
   RUN_FLAGS,
 );
 
@@ -82,34 +85,44 @@ export async function runCommand(args: string[]): Promise<number> {
   const { manifest, registry } = await loadConfig(first.config);
   const flags = parseFlags("run", RUN_FLAGS, args, relayFallback(manifest));
   const url = requireUrl("run", flags["postgres-url"]);
-  const logger = loggerFromFlags(flags["log-format"]!, flags["log-level"]!);
+  const logger = loggerFromFlags(flags["log-format"]!, flags["log-level"]!, {
+    format: sourceOf(flags, "log-format"),
+    level: sourceOf(flags, "log-level"),
+  });
+  const int = (flag: keyof typeof RUN_FLAGS) => positiveInt(sourceOf(flags, flag), flags[flag] as string);
+  const metricsAddr = flags["metrics-addr"]!;
+  if (metricsAddr !== "off" && !/^.+:\d+$/.test(metricsAddr)) {
+    throw new ConfigError(`${sourceOf(flags, "metrics-addr")} must be host:port or "off" (got "${metricsAddr}")`);
+  }
+  const drainTimeoutMs = int("drain-timeout") * 1000;
   const relay = new Relay({
     postgresUrl: url,
     relayGroupId: flags["relay-group-id"]!,
     logger,
-    maxPipelines: positiveInt("max-pipelines", flags["max-pipelines"]!),
-    pollIntervalMs: positiveInt("poll-interval-ms", flags["poll-interval-ms"]!),
-    reconcileIntervalMs: positiveInt("reconcile-interval-ms", flags["reconcile-interval-ms"]!),
-    drainTimeoutMs: positiveInt("drain-timeout", flags["drain-timeout"]!) * 1000,
-    metricsAddr: flags["metrics-addr"] === "off" ? undefined : flags["metrics-addr"],
+    maxPipelines: int("max-pipelines"),
+    pollIntervalMs: int("poll-interval-ms"),
+    reconcileIntervalMs: int("reconcile-interval-ms"),
+    drainTimeoutMs,
+    metricsAddr: metricsAddr === "off" ? undefined : metricsAddr,
     registry,
     pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
   });
-  const stopSignal = stopSignals(relay, logger);
+  const stopSignal = stopSignals(logger, () => relay);
   await relay.start();
-  return await untilStopped(relay, logger, stopSignal);
+  return await untilStopped(relay, logger, stopSignal, drainTimeoutMs);
 }
 
 /**
  * Installs the signal handlers before the relay starts, so that no signal slips through (SIGHUP's
  * default action would end the process): SIGHUP reconciles the catalog at once, and the promise
- * resolves with the first SIGTERM or SIGINT.
+ * resolves with the first SIGTERM or SIGINT. `relay` is undefined while there is none yet.
  */
-export function stopSignals(relay: Relay, logger: Logger): Promise<string> {
+export function stopSignals(logger: Logger, relay: () => Relay | undefined): Promise<string> {
   onSignal("SIGHUP", () => {
     logger.info("SIGHUP: reloading pipelines");
     // Before the coordinator starts, its first reconcile will read the catalog anyway.
-    if (relay.coordinator.started) void relay.coordinator.reconcile();
+    const coordinator = relay()?.coordinator;
+    if (coordinator?.started) void coordinator.reconcile();
   });
   return new Promise<string>((resolve) => {
     onSignal("SIGTERM", () => resolve("SIGTERM"));
@@ -117,24 +130,46 @@ export function stopSignals(relay: Relay, logger: Logger): Promise<string> {
   });
 }
 
-/** Waits for SIGTERM/SIGINT, then drains in-flight batches and stops (exit code 0). */
-export async function untilStopped(relay: Relay, logger: Logger, stopSignal: Promise<string>): Promise<number> {
+/**
+ * Waits for SIGTERM/SIGINT, then drains in-flight batches and stops. Exit code 0 even when the
+ * drain timed out: nothing is lost, the cut-off batches are simply not acknowledged.
+ */
+export async function untilStopped(
+  relay: Relay,
+  logger: Logger,
+  stopSignal: Promise<string>,
+  drainTimeoutMs = DEFAULT_DRAIN_TIMEOUT_MS,
+): Promise<number> {
   const signal = await stopSignal;
   logger.info(`${signal}: draining in-flight batches`);
-  await relay.stop();
+  // The workers abort their sinks at the same moment; this says what that means, once.
+  const timer = setTimeout(() =>
+    logger.warn("drain timeout reached: batches not finished by now stay unacknowledged; the next relay delivers them", {
+      drain_timeout_s: drainTimeoutMs / 1000,
+    }), drainTimeoutMs);
+  try {
+    await relay.stop();
+  } finally {
+    clearTimeout(timer);
+  }
   return 0;
 }
 
-export function loggerFromFlags(format: string, level: string): Logger {
+/** `names` say where the values came from (a flag or an environment variable; see sourceOf). */
+export function loggerFromFlags(
+  format: string,
+  level: string,
+  names = { format: "--log-format", level: "--log-level" },
+): Logger {
   if (format !== "text" && format !== "json") {
-    throw new ConfigError(`--log-format must be "text" or "json" (got "${format}")`);
+    throw new ConfigError(`${names.format} must be "text" or "json" (got "${format}")`);
   }
-  if (!isLogLevel(level)) throw new ConfigError(`--log-level must be debug, info, warn or error (got "${level}")`);
+  if (!isLogLevel(level)) throw new ConfigError(`${names.level} must be debug, info, warn or error (got "${level}")`);
   return createLogger({ format, level });
 }
 
-function positiveInt(flag: string, value: string): number {
+function positiveInt(source: string, value: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n <= 0) throw new ConfigError(`--${flag} must be a positive integer (got "${value}")`);
+  if (!Number.isInteger(n) || n <= 0) throw new ConfigError(`${source} must be a positive integer (got "${value}")`);
   return n;
 }

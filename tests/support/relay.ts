@@ -61,3 +61,53 @@ export function spawnRelay(url: string, extra: string[] = [], env: Record<string
     stderr: "pipe",
   });
 }
+
+/**
+ * Collects a child process's output lines as they arrive (a relay's logs go to stderr), so that a
+ * test can wait for one with waitFor. `done` resolves when the stream ends.
+ */
+export function collectLines(stream: ReadableStream<Uint8Array>): { lines: string[]; done: Promise<void> } {
+  const lines: string[] = [];
+  const done = (async () => {
+    const decoder = new TextDecoder();
+    let rest = "";
+    const reader = stream.getReader();
+    for (let read = await reader.read(); !read.done; read = await reader.read()) {
+      const parts = (rest + decoder.decode(read.value, { stream: true })).split("\n");
+      rest = parts.pop()!;
+      lines.push(...parts);
+    }
+    if (rest) lines.push(rest);
+  })();
+  return { lines, done };
+}
+
+/**
+ * A webhook target that holds every request until the test lets it answer (then 200): a delivery
+ * in flight for exactly as long as the test needs, without timing assumptions.
+ */
+export function heldWebhook() {
+  const keys: string[] = [];
+  const arrived = Promise.withResolvers<void>();
+  const release = Promise.withResolvers<void>();
+  const server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(request) {
+      keys.push(request.headers.get("idempotency-key") ?? "");
+      arrived.resolve();
+      await release.promise;
+      return new Response("ok");
+    },
+  });
+  return {
+    url: `http://127.0.0.1:${server.port}/hook`,
+    /** Idempotency-Key of every request received, answered or not. */
+    keys,
+    /** Resolves when the first request is in flight. */
+    arrived: arrived.promise,
+    /** Answers the held requests and every later one. */
+    release: () => release.resolve(),
+    stop: () => server.stop(true),
+  };
+}
