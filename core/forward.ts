@@ -152,7 +152,9 @@ export class ForwardWorker {
                               AND relay_group_id = ${relayGroupId}), 0) AS generation
             FROM tide.consumer_next_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}) b`;
         if (rows.length === 0) {
+          this.status.waiting = true;
           await this.#wakeup.wait(this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs, stop);
+          this.status.waiting = false;
           continue;
         }
         this.#generation = rows[0].generation;

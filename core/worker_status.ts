@@ -24,6 +24,8 @@ export class WorkerStatus {
   deadLettered = 0;
   failures = 0;
   circuit: CircuitState = "closed";
+  /** True while the worker has read everything and waits for a wake-up or the next poll. */
+  waiting = false;
 
   constructor(
     private readonly pipeline: string,
