@@ -114,16 +114,23 @@ export class ForwardWorker {
     this.#wakeup.set();
   }
 
-  /** Finishes the in-flight batch (up to drainMs), then closes the sink. */
+  /**
+   * Finishes the in-flight batch (up to drainMs), then closes the sink. A sink that ignores the
+   * abort at drainMs is left behind ABANDON_MS later: its batch stays unacknowledged, so the next
+   * owner delivers it again, and stopping never hangs on a sink.
+   */
   async stop(drainMs = 10_000): Promise<void> {
     this.#stopping.abort();
     const timer = setTimeout(() => this.#abort.abort(), drainMs);
     try {
-      await this.#loop;
+      if (!(await settlesWithin(this.#loop, drainMs + ABANDON_MS))) {
+        this.#log.warn("the sink did not stop when aborted; its batch is left unacknowledged", { abandoned_after_ms: drainMs + ABANDON_MS });
+      }
     } finally {
       clearTimeout(timer);
       this.#abort.abort();
-      await this.#sink?.close().catch((error) => this.#log.warn("closing the sink failed", { error }));
+      const closing = this.#sink?.close().catch((error) => this.#log.warn("closing the sink failed", { error }));
+      if (closing && !(await settlesWithin(closing, ABANDON_MS))) this.#log.warn("closing the sink did not finish; left behind");
     }
   }
 
@@ -316,4 +323,18 @@ export function toMessage(row: MessageRow): OutboxMessage {
     op: opOf(headers, row.payload),
     createdAt: row.created_at,
   };
+}
+
+/** How long a sink gets to react to an abort (or to close) before the worker stops waiting for it. */
+const ABANDON_MS = 5_000;
+
+/** Whether `promise` settles within `ms` (its rejection is thrown). */
+async function settlesWithin(promise: Promise<unknown> | undefined, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([Promise.resolve(promise).then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }

@@ -129,4 +129,31 @@ describe("stopping the relay in the middle of a delivery", () => {
       hook.stop();
     }
   }, 60_000);
+
+  it("does not hang on a sink that ignores the abort: its batch is left for the next relay", async () => {
+    const name = "stuck";
+    const marker = join(dir, "stuck.log");
+    const manifest = join(dir, "stuck.toml");
+    await Bun.write(manifest, [
+      "[plugins]",
+      `stuck = ${JSON.stringify(join(ROOT, "tests/fixtures/plugins/stuck_sink.js"))}`,
+      "[[pipelines]]",
+      `name = "${name}"`,
+      `outbox = "${name}"`,
+      `sink_type = "stuck"`,
+      `config = { marker = ${JSON.stringify(marker)} }`,
+      "",
+    ].join("\n"));
+    await db.sql`SELECT tide.outbox_create(${name})`;
+    await db.sql`SELECT tide.outbox_publish(${name}, '{"order_id": 1}'::jsonb)`;
+    const relay = spawnRelay(db.url, ["--config", manifest, "--relay-group-id", name, "--drain-timeout", "1", "--log-format", "json"]);
+    const logs = collectLines(relay.stderr);
+    await waitFor("the delivery to be in flight", async () => (await Bun.file(marker).exists()));
+    relay.kill("SIGTERM");
+    expect(await relay.exited).toBe(0);
+    await logs.done;
+    const messages: string[] = logs.lines.map((line) => JSON.parse(line).message);
+    expect(messages).toContain("the sink did not stop when aborted; its batch is left unacknowledged");
+    expect(await lagOf(name, name)).toBe(1n);
+  }, 60_000);
 });
