@@ -3,7 +3,7 @@
 # broker+controller) for CI and local development, with no Docker: the jars come
 # from Maven Central through scripts/kafka/pom.xml. Needs Java 17 and Maven.
 #
-#   scripts/kafka.sh start    # PLAINTEXT on 127.0.0.1:9092, controller on :9093
+#   scripts/kafka.sh start    # PLAINTEXT on 127.0.0.1:9092, SASL_PLAINTEXT on :9094, controller on :9093
 #   scripts/kafka.sh stop
 #   scripts/kafka.sh status   # exit 0 if running, 1 if not
 #
@@ -18,6 +18,8 @@ POM="$REPO/scripts/kafka/pom.xml"
 LIB="$HOME_DIR/lib" DATA="$HOME_DIR/data" CONF="$HOME_DIR/server.properties"
 LOG="$HOME_DIR/kafka.log" PID_FILE="$HOME_DIR/kafka.pid"
 HOST=127.0.0.1 PORT=9092 CONTROLLER_PORT=9093 READY_TIMEOUT=90
+# A second listener with SASL (PLAIN, user tide-test), for the tests of the plugins' SASL options.
+SASL_PORT=9094 SASL_USER=tide-test SASL_PASSWORD=tide-test-secret
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 # Kafka's command-line tools: warnings only, to stderr.
 TOOL=("$JAVA" -Dlog4j.configuration="file:$HOME_DIR/tools-log4j.properties" -cp "$LIB/*")
@@ -43,11 +45,13 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
+listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT
+advertised.listeners=PLAINTEXT://$HOST:$PORT,SASL_PLAINTEXT://$HOST:$SASL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$SASL_USER="$SASL_PASSWORD";
 offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1

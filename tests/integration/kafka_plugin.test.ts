@@ -220,6 +220,47 @@ describe.skipIf(!up)("kafka sink", () => {
   }, 20_000);
 });
 
+// scripts/kafka.sh also listens with SASL/PLAIN on :9094 (user tide-test), for the sasl options.
+const SASL_BROKER = "127.0.0.1:9094";
+const saslUp = up && (await requireService("kafka SASL_PLAINTEXT listener (scripts/kafka.sh)", "127.0.0.1", 9094));
+
+describe.skipIf(!saslUp)("kafka sink over SASL", () => {
+  it("authenticates with sasl (PLAIN) and delivers", async () => {
+    const topic = unique("sasl");
+    const config = { brokers: SASL_BROKER, topic, sasl: { mechanism: "plain", username: "tide-test", password: "tide-test-secret" } };
+    const sink = kafkaSink.create(await parse(kafkaSink, config), context());
+    await sink.connect();
+    try {
+      expect(await sink.publish([message(1)])).toEqual([]);
+    } finally {
+      await sink.close();
+    }
+    const [record] = await consume([topic], 1);
+    expect(JSON.parse(record!.value)).toEqual({ order_id: 1, total: 10 });
+  });
+
+  it("refuses a wrong password with an error that says so, without the password", async () => {
+    const config = { brokers: SASL_BROKER, topic: unique("sasl"), sasl: { mechanism: "plain", username: "tide-test", password: "Wr0ngPassw0rd" } };
+    const sink = kafkaSink.create(await parse(kafkaSink, config), context());
+    try {
+      const error = await sink.connect().then(() => undefined, (e: Error) => e);
+      expect(error?.message).toMatch(/SASL|authenticat/i);
+      expect(error?.message).not.toContain("Wr0ngPassw0rd");
+    } finally {
+      await sink.close();
+    }
+  }, 30_000);
+
+  it("without sasl, a SASL listener does not let the sink in", async () => {
+    const sink = kafkaSink.create(await parse(kafkaSink, { brokers: SASL_BROKER, topic: unique("sasl") }), context());
+    try {
+      expect(await sink.connect().then(() => "connected", () => "refused")).toBe("refused");
+    } finally {
+      await sink.close();
+    }
+  }, 30_000);
+});
+
 describe.skipIf(!up)("kafka source", () => {
   let producer: Producer;
   beforeAll(async () => {
