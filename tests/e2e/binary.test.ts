@@ -8,6 +8,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
 import { readJsonl, waitFor } from "../support/relay.ts";
+import { requireService } from "../support/services.ts";
+import { connect } from "@nats-io/transport-node";
 
 const ROOT = join(import.meta.dir, "..", "..");
 const BINARY = join(ROOT, "dist", "pg-tide-linux-x64");
@@ -92,6 +94,40 @@ path = "${shoutLog}"
       expect(audit[0]).toMatch(/^audit:orders:\d+ order\.created \{"item":"widget","order":1\}$/);
     } finally {
       relay.kill("SIGTERM");
+    }
+    expect(await relay.exited).toBe(0);
+  }, 60_000);
+
+  it("delivers to a real NATS server, with the broker plugins compiled in", async () => {
+    if (!(await requireService("nats", "127.0.0.1", 4222))) return;
+    const subject = `tide.e2e.${Math.random().toString(36).slice(2, 10)}`;
+    const nc = await connect({ servers: "nats://127.0.0.1:4222" });
+    const received: unknown[] = [];
+    const subscription = nc.subscribe(subject, { callback: (_error, msg) => void received.push(msg.json()) });
+    await nc.flush();
+    const manifest = join(dir, "nats.toml");
+    await writeFile(manifest, `
+[[pipelines]]
+name = "orders-to-nats"
+outbox = "nats_orders"
+sink_type = "nats"
+[pipelines.config]
+url = "nats://127.0.0.1:4222"
+subject = "${subject}"
+`);
+    await db.sql`SELECT tide.outbox_create('nats_orders')`;
+    const relay = Bun.spawn([BINARY, "run", "--config", manifest, "--postgres-url", db.url, "--metrics-addr", "127.0.0.1:0",
+      "--poll-interval-ms", "50", "--relay-group-id", "nats-e2e"], { stdout: "pipe", stderr: "pipe" });
+    try {
+      await waitFor("the pipeline in the catalog", async () =>
+        (await db.sql`SELECT 1 FROM tide.relay_pipelines WHERE name = 'orders-to-nats'`).length === 1);
+      for (let i = 1; i <= 3; i++) await db.sql`SELECT tide.outbox_publish('nats_orders', ${db.sql.json({ order: i })})`;
+      await waitFor("three messages on NATS", () => received.length === 3);
+      expect(received).toEqual([{ order: 1 }, { order: 2 }, { order: 3 }]);
+    } finally {
+      relay.kill("SIGTERM");
+      subscription.unsubscribe();
+      await nc.close();
     }
     expect(await relay.exited).toBe(0);
   }, 60_000);
