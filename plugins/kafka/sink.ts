@@ -153,15 +153,20 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       try {
         await send(group);
       } catch (error) {
-        if (!isPermanent(error)) throw transient(error);
+        if (!isPermanent(error)) throw transient(error, group);
         if (group.length > 1) await isolate(group, failures);
         else failures.push(permanent(group[0]!.message, `refused by Kafka: ${describeKafkaError(error)}`, error));
       }
     }
   }
 
-  function transient(error: unknown): Error {
-    return ctx.errors.transient(`${where}: producing to ${config.brokers.join(",")} failed: ${describeKafkaError(error)}`, error);
+  function transient(error: unknown, records: PendingRecord[]): Error {
+    // Kafka does not say which topic it refused; the batch's topics are the ones to check.
+    const denied = kafkaErrorTypes(error).includes("TOPIC_AUTHORIZATION_FAILED")
+      ? ` (the user may not write to topic ${[...new Set(records.map((r) => r.topic))].map((t) => `"${t}"`).join(", ")}; ` +
+        "the messages wait in the outbox until an ACL allows it)"
+      : "";
+    return ctx.errors.transient(`${where}: producing to ${config.brokers.join(",")} failed: ${describeKafkaError(error)}${denied}`, error);
   }
 
   return {
@@ -194,7 +199,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       try {
         await send(records);
       } catch (error) {
-        if (!isPermanent(error)) throw transient(error);
+        if (!isPermanent(error)) throw transient(error, records);
         ctx.logger.warn(`${where}: Kafka refused the batch for good; sending its records one by one to find the culprits`, {
           error: describeKafkaError(error),
         });

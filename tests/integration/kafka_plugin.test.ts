@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Kafka, logLevel, type Producer } from "kafkajs";
+import { AclOperationTypes, AclPermissionTypes, AclResourceTypes, Kafka, logLevel, type Producer, ResourcePatternTypes } from "kafkajs";
 import { pluginErrors } from "../../core/errors.ts";
 import type { OutboxMessage, PluginContext, PluginDefinition, SourceInstance } from "../../core/plugin.ts";
 import { renderTemplate } from "../../core/template.ts";
@@ -220,11 +220,37 @@ describe.skipIf(!up)("kafka sink", () => {
   }, 20_000);
 });
 
+/** Retries `check` for up to 30 s (ACL changes reach the broker's authorizer asynchronously). */
+async function waitForValue(check: () => Promise<boolean>): Promise<boolean> {
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    if (await check()) return true;
+    await Bun.sleep(250);
+  }
+  return false;
+}
+
 // scripts/kafka.sh also listens with SASL/PLAIN on :9094 (user tide-test), for the sasl options.
 const SASL_BROKER = "127.0.0.1:9094";
 const saslUp = up && (await requireService("kafka SASL_PLAINTEXT listener (scripts/kafka.sh)", "127.0.0.1", 9094));
 
 describe.skipIf(!saslUp)("kafka sink over SASL", () => {
+  // The broker authorizes the SASL user by ACL: it may use topics named tide-sasl-*, nothing else.
+  beforeAll(async () => {
+    const admin = kafka.admin();
+    await admin.connect();
+    try {
+      await admin.createAcls({
+        acl: [{
+          resourceType: AclResourceTypes.TOPIC, resourceName: "tide-sasl-", resourcePatternType: ResourcePatternTypes.PREFIXED,
+          principal: "User:tide-test", host: "*", operation: AclOperationTypes.ALL, permissionType: AclPermissionTypes.ALLOW,
+        }],
+      });
+    } finally {
+      await admin.disconnect();
+    }
+  });
+
   it("authenticates with sasl (PLAIN) and delivers", async () => {
     const topic = unique("sasl");
     const config = { brokers: SASL_BROKER, topic, sasl: { mechanism: "plain", username: "tide-test", password: "tide-test-secret" } };
@@ -238,6 +264,39 @@ describe.skipIf(!saslUp)("kafka sink over SASL", () => {
     const [record] = await consume([topic], 1);
     expect(JSON.parse(record!.value)).toEqual({ order_id: 1, total: 10 });
   });
+
+  it("fails the batch, naming the topic, when the user may not write to it, and delivers once allowed", async () => {
+    const topic = unique("denied");
+    const config = { brokers: SASL_BROKER, topic, sasl: { mechanism: "plain", username: "tide-test", password: "tide-test-secret" } };
+    const sink = kafkaSink.create(await parse(kafkaSink, config), context());
+    await sink.connect();
+    try {
+      const outcome = await sink.publish([message(1)]).then((failures) => failures, (error: Error) => error);
+      const text = outcome instanceof Error ? outcome.message : outcome.map((f) => `${f.retriable} ${f.error.message}`).join("\n");
+      expect(text).toMatch(/not authorized|authoriz/i);
+      expect(text).toContain(topic);
+      if (!(outcome instanceof Error)) expect(outcome.every((f) => f.retriable)).toBe(true); // waits in the outbox
+
+      const admin = kafka.admin();
+      await admin.connect();
+      try {
+        await admin.createAcls({
+          acl: [{
+            resourceType: AclResourceTypes.TOPIC, resourceName: topic, resourcePatternType: ResourcePatternTypes.LITERAL,
+            principal: "User:tide-test", host: "*", operation: AclOperationTypes.ALL, permissionType: AclPermissionTypes.ALLOW,
+          }],
+        });
+      } finally {
+        await admin.disconnect();
+      }
+      const delivered = await waitForValue(async () => (await sink.publish([message(1)]).catch(() => [1])).length === 0);
+      expect(delivered).toBe(true);
+    } finally {
+      await sink.close();
+    }
+    const [record] = await consume([topic], 1);
+    expect(JSON.parse(record!.value)).toEqual({ order_id: 1, total: 10 });
+  }, 60_000);
 
   it("refuses a wrong password with an error that says so, without the password", async () => {
     const config = { brokers: SASL_BROKER, topic: unique("sasl"), sasl: { mechanism: "plain", username: "tide-test", password: "Wr0ngPassw0rd" } };
