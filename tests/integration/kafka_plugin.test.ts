@@ -6,29 +6,19 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { AclOperationTypes, AclPermissionTypes, AclResourceTypes, Kafka, logLevel, type Producer, ResourcePatternTypes } from "kafkajs";
-import { pluginErrors } from "../../core/errors.ts";
 import type { OutboxMessage, PluginContext, PluginDefinition, SourceInstance } from "../../core/plugin.ts";
-import { renderTemplate } from "../../core/template.ts";
 import { availableCompressions } from "../../plugins/kafka/codecs.ts";
 import { kafkaSink, kafkaSource } from "../../plugins/kafka/index.ts";
 import { requireService } from "../support/services.ts";
+import { parseConfig, pluginContext, validateConfig } from "../support/plugins.ts";
+
+const context = (overrides: Partial<PluginContext> = {}) => pluginContext("kafka-test", overrides);
+const parse = parseConfig;
+const validate = validateConfig;
 
 const BROKER = "127.0.0.1:9092";
 const ROOT = join(import.meta.dir, "..", "..");
 const up = await requireService("kafka", "127.0.0.1", 9092);
-
-function context(overrides: Partial<PluginContext> = {}): PluginContext {
-  const quiet = () => {};
-  return {
-    pipeline: "kafka-test",
-    logger: { debug: quiet, info: quiet, warn: quiet, error: quiet },
-    errors: pluginErrors,
-    signal: new AbortController().signal,
-    batchSize: 100,
-    render: renderTemplate,
-    ...overrides,
-  };
-}
 
 function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
   return {
@@ -43,16 +33,6 @@ function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMess
     createdAt: new Date(),
     ...overrides,
   };
-}
-
-async function validate(definition: PluginDefinition, input: unknown) {
-  return await definition.config["~standard"].validate(input);
-}
-
-async function parse(definition: PluginDefinition, input: unknown) {
-  const result = await validate(definition, input);
-  if (result.issues) throw new Error(`invalid config: ${JSON.stringify(result.issues)}`);
-  return result.value;
 }
 
 const unique = (name: string) => `tide-${name}-${Date.now()}-${Math.random().toString(36).slice(2, 8)}`;

@@ -3,28 +3,17 @@
 // user/password), with errors that name the problem and never the secret.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
-import { connect, type Msg, type NatsConnection } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { pluginErrors } from "../../core/errors.ts";
-import type { OutboxMessage, PluginContext, PluginDefinition } from "../../core/plugin.ts";
-import { renderTemplate } from "../../core/template.ts";
+import type { OutboxMessage, PluginContext } from "../../core/plugin.ts";
 import { natsSink, natsSource } from "../../plugins/nats/index.ts";
 import { type PrivateNatsServer, requireNatsServerBinary, startNatsServer } from "../support/brokers.ts";
+import { collectNats, parseConfig, pluginContext } from "../support/plugins.ts";
+
+const context = (overrides: Partial<PluginContext> = {}) => pluginContext("nats-access", overrides);
+const parse = parseConfig;
 
 const available = requireNatsServerBinary();
-
-function context(overrides: Partial<PluginContext> = {}): PluginContext {
-  const quiet = () => {};
-  return {
-    pipeline: "nats-access",
-    logger: { debug: quiet, info: quiet, warn: quiet, error: quiet },
-    errors: pluginErrors,
-    signal: new AbortController().signal,
-    batchSize: 100,
-    render: renderTemplate,
-    ...overrides,
-  };
-}
 
 function message(id: number, subject: string): OutboxMessage {
   return {
@@ -38,30 +27,6 @@ function message(id: number, subject: string): OutboxMessage {
     op: "insert",
     createdAt: new Date(),
   };
-}
-
-async function parse(definition: PluginDefinition, input: unknown) {
-  const result = await definition.config["~standard"].validate(input);
-  if (result.issues) throw new Error(`invalid config: ${JSON.stringify(result.issues)}`);
-  return result.value;
-}
-
-/** Collects `count` messages of a core subscription. */
-function collect(nc: NatsConnection, subject: string, count: number): Promise<Msg[]> {
-  const got: Msg[] = [];
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`got ${got.length} of ${count} messages`)), 10_000);
-    nc.subscribe(subject, {
-      max: count,
-      callback: (_err, msg) => {
-        got.push(msg);
-        if (got.length === count) {
-          clearTimeout(timer);
-          resolve(got);
-        }
-      },
-    });
-  });
 }
 
 describe.skipIf(!available)("nats sink on a server that denies publishing to secret.>", () => {
@@ -87,7 +52,7 @@ describe.skipIf(!available)("nats sink on a server that denies publishing to sec
   });
 
   it("reports a core publish the server refused as a retriable failure naming the subject, and what follows it", async () => {
-    const received = collect(admin, "open.>", 2);
+    const received = collectNats(admin, "open.>", 2);
     await admin.flush();
     const sink = natsSink.create(await parse(natsSink, { ...app(), subject_template: "{payload.subject}" }), context());
     await sink.connect();
@@ -138,7 +103,7 @@ describe.skipIf(!available)("nats connectors on a server that requires authentic
   /** Publishes one message through a sink with `auth`; resolves with what a subscriber on the server got. */
   async function roundTrip(server: PrivateNatsServer, auth: Record<string, string>, subscriber: NatsConnection): Promise<string[]> {
     const subject = `auth.${Math.random().toString(36).slice(2, 10)}`;
-    const received = collect(subscriber, subject, 1);
+    const received = collectNats(subscriber, subject, 1);
     await subscriber.flush();
     const sink = natsSink.create(await parse(natsSink, { url: server.url, subject, ...auth }), context());
     await sink.connect();

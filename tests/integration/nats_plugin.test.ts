@@ -2,29 +2,18 @@
 // subscribers and streams receive from the sink, and what the source hands out, acks and redelivers.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
-import { connect, headers as natsHeaders, type Msg, type NatsConnection } from "@nats-io/transport-node";
+import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { pluginErrors } from "../../core/errors.ts";
 import type { OutboxMessage, PluginContext, PluginDefinition, SourceInstance } from "../../core/plugin.ts";
-import { renderTemplate } from "../../core/template.ts";
 import { natsSink, natsSource } from "../../plugins/nats/index.ts";
 import { requireService } from "../support/services.ts";
+import { collectNats, parseConfig, pluginContext } from "../support/plugins.ts";
+
+const context = (overrides: Partial<PluginContext> = {}) => pluginContext("nats-test", overrides);
+const parse = parseConfig;
 
 const URL = "nats://127.0.0.1:4222";
 const up = await requireService("nats", "127.0.0.1", 4222);
-
-function context(overrides: Partial<PluginContext> = {}): PluginContext {
-  const quiet = () => {};
-  return {
-    pipeline: "nats-test",
-    logger: { debug: quiet, info: quiet, warn: quiet, error: quiet },
-    errors: pluginErrors,
-    signal: new AbortController().signal,
-    batchSize: 100,
-    render: renderTemplate,
-    ...overrides,
-  };
-}
 
 function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
   return {
@@ -41,31 +30,7 @@ function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMess
   };
 }
 
-async function parse(definition: PluginDefinition, input: unknown) {
-  const result = await definition.config["~standard"].validate(input);
-  if (result.issues) throw new Error(`invalid config: ${JSON.stringify(result.issues)}`);
-  return result.value;
-}
-
 const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
-
-/** Collects `count` messages of a core subscription. */
-function collect(nc: NatsConnection, subject: string, count: number): Promise<Msg[]> {
-  const got: Msg[] = [];
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`got ${got.length} of ${count} messages`)), 10_000);
-    nc.subscribe(subject, {
-      max: count,
-      callback: (_err, msg) => {
-        got.push(msg);
-        if (got.length === count) {
-          clearTimeout(timer);
-          resolve(got);
-        }
-      },
-    });
-  });
-}
 
 let nc: NatsConnection;
 let jsm: JetStreamManager;
@@ -92,7 +57,7 @@ describe.skipIf(!up)("nats", () => {
   describe("sink", () => {
     it("publishes on core NATS when no stream stores the subject, with tide's headers", async () => {
       const prefix = `tide.core.${token()}`;
-      const received = collect(nc, `${prefix}.>`, 2);
+      const received = collectNats(nc, `${prefix}.>`, 2);
       await nc.flush();
       const sink = natsSink.create(await parse(natsSink, { url: URL, subject_template: `${prefix}.{op}` }), context());
       await sink.connect();
@@ -113,7 +78,7 @@ describe.skipIf(!up)("nats", () => {
 
     it("sends header values that are not strings as JSON text", async () => {
       const subject = `tide.headers.${token()}`;
-      const received = collect(nc, subject, 1);
+      const received = collectNats(nc, subject, 1);
       await nc.flush();
       const sink = natsSink.create(await parse(natsSink, { url: URL, subject, mode: "core" }), context());
       await sink.connect();
@@ -150,7 +115,7 @@ describe.skipIf(!up)("nats", () => {
       const prefix = `tideauto${token()}`;
       const stream = await createStream(prefix);
       const elsewhere = `tide.other.${token()}`;
-      const received = collect(nc, elsewhere, 1);
+      const received = collectNats(nc, elsewhere, 1);
       await nc.flush();
       const sink = natsSink.create(await parse(natsSink, { url: URL, subject_template: "{payload.subject}" }), context());
       await sink.connect();
@@ -187,7 +152,7 @@ describe.skipIf(!up)("nats", () => {
 
     it("sends a message larger than the server's max_payload to the DLQ and delivers the rest", async () => {
       const subject = `tide.big.${token()}`;
-      const received = collect(nc, subject, 2);
+      const received = collectNats(nc, subject, 2);
       await nc.flush();
       const sink = natsSink.create(await parse(natsSink, { url: URL, subject, mode: "core" }), context());
       await sink.connect();
