@@ -1,6 +1,6 @@
 // `pg-tide run` (also plain `pg-tide --postgres-url ...`): the relay, until SIGTERM or SIGINT.
 
-import { ConfigError } from "../core/errors.ts";
+import { ConfigError, exitCodeOf, toError } from "../core/errors.ts";
 import { createLogger, isLogLevel, type Logger } from "../core/log.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS, Relay } from "../core/relay.ts";
 import { onSignal, writeStdout } from "../core/runtime.ts";
@@ -84,32 +84,40 @@ export async function runCommand(args: string[]): Promise<number> {
   }
   const { manifest, registry } = await loadConfig(first.config);
   const flags = parseFlags("run", RUN_FLAGS, args, relayFallback(manifest));
-  const url = requireUrl("run", flags["postgres-url"]);
   const logger = loggerFromFlags(flags["log-format"]!, flags["log-level"]!, {
     format: sourceOf(flags, "log-format"),
     level: sourceOf(flags, "log-level"),
   });
-  const int = (flag: keyof typeof RUN_FLAGS) => positiveInt(sourceOf(flags, flag), flags[flag] as string);
-  const metricsAddr = flags["metrics-addr"]!;
-  if (metricsAddr !== "off" && !/^.+:\d+$/.test(metricsAddr)) {
-    throw new ConfigError(`${sourceOf(flags, "metrics-addr")} must be host:port or "off" (got "${metricsAddr}")`);
+  try {
+    const url = requireUrl("run", flags["postgres-url"]);
+    const int = (flag: keyof typeof RUN_FLAGS) => positiveInt(sourceOf(flags, flag), flags[flag] as string);
+    const metricsAddr = flags["metrics-addr"]!;
+    if (metricsAddr !== "off" && !/^.+:\d+$/.test(metricsAddr)) {
+      throw new ConfigError(`${sourceOf(flags, "metrics-addr")} must be host:port or "off" (got "${metricsAddr}")`);
+    }
+    const drainTimeoutMs = int("drain-timeout") * 1000;
+    const relay = new Relay({
+      postgresUrl: url,
+      relayGroupId: flags["relay-group-id"]!,
+      logger,
+      maxPipelines: int("max-pipelines"),
+      pollIntervalMs: int("poll-interval-ms"),
+      reconcileIntervalMs: int("reconcile-interval-ms"),
+      drainTimeoutMs,
+      metricsAddr: metricsAddr === "off" ? undefined : metricsAddr,
+      registry,
+      pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
+    });
+    const stopSignal = stopSignals(logger, () => relay);
+    await relay.start();
+    return await untilStopped(relay, logger, stopSignal, drainTimeoutMs);
+  } catch (error) {
+    if (flags["log-format"] !== "json") throw error;
+    // A relay that logs JSON reports the error that ends it as one JSON line too (secrets masked).
+    const err = toError(error);
+    logger.error(`pg-tide: ${err.message}`, { error: err, exit_code: exitCodeOf(err) });
+    return exitCodeOf(err);
   }
-  const drainTimeoutMs = int("drain-timeout") * 1000;
-  const relay = new Relay({
-    postgresUrl: url,
-    relayGroupId: flags["relay-group-id"]!,
-    logger,
-    maxPipelines: int("max-pipelines"),
-    pollIntervalMs: int("poll-interval-ms"),
-    reconcileIntervalMs: int("reconcile-interval-ms"),
-    drainTimeoutMs,
-    metricsAddr: metricsAddr === "off" ? undefined : metricsAddr,
-    registry,
-    pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
-  });
-  const stopSignal = stopSignals(logger, () => relay);
-  await relay.start();
-  return await untilStopped(relay, logger, stopSignal, drainTimeoutMs);
 }
 
 /**

@@ -1,5 +1,5 @@
-// Waiting between retries: capped exponential backoff with jitter, and a sleep that an abort signal
-// cuts short.
+// Waiting: capped exponential backoff with jitter between retries, a sleep that an abort signal cuts
+// short, and a deadline for a promise.
 
 export interface BackoffPolicy {
   initialMs: number;
@@ -31,6 +31,19 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
     const timer = setTimeout(done, ms);
     signal?.addEventListener("abort", done, { once: true });
   });
+}
+
+export const TIMED_OUT = Symbol("timed out");
+
+/** The promise's value, or TIMED_OUT when it has not settled within `ms` (a rejection is thrown). */
+export async function within<T>(promise: PromiseLike<T>, ms: number): Promise<T | typeof TIMED_OUT> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<typeof TIMED_OUT>((resolve) => (timer = setTimeout(() => resolve(TIMED_OUT), ms)));
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** A wake-up flag a loop can wait on with a timeout: set() ends the current or next wait early. */

@@ -11,6 +11,7 @@ import type { Logger } from "./log.ts";
 import type { RelayEvents } from "./events.ts";
 import type { HttpRoutes } from "./plugin.ts";
 import type { PluginRegistry } from "./plugins.ts";
+import { TIMED_OUT, within } from "./backoff.ts";
 import { redactText } from "./redact.ts";
 
 export interface CoordinatorOptions {
@@ -201,7 +202,9 @@ export class Coordinator {
   async #locks(): Promise<ReservedSql> {
     if (this.#lockConnection) {
       try {
-        await withTimeout(this.#lockConnection`SELECT 1`, LOCK_CHECK_TIMEOUT_MS, "the ownership connection did not answer");
+        if ((await within(this.#lockConnection`SELECT 1`, LOCK_CHECK_TIMEOUT_MS)) === TIMED_OUT) {
+          throw new Error("the ownership connection did not answer");
+        }
         return this.#lockConnection;
       } catch (error) {
         this.#log.error("lost the ownership connection; stopping all pipelines", { error: toError(error) });
@@ -246,12 +249,4 @@ export class Coordinator {
   #wakeOutbox(outbox: string): void {
     for (const worker of this.#workers.values()) if (worker.outbox === outbox) worker.wake();
   }
-}
-
-function withTimeout<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout>;
-  return Promise.race([
-    promise,
-    new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(message)), ms))),
-  ]).finally(() => clearTimeout(timer));
 }

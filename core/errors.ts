@@ -92,3 +92,8 @@ function describe(value: unknown): string {
     return String(value);
   }
 }
+
+/** The process exit code for an error that ends a command: 2 for bad input, 1 otherwise. */
+export function exitCodeOf(error: Error): number {
+  return error instanceof TideError && error.code === "config" ? 2 : 1;
+}

@@ -3,7 +3,7 @@
 // The position moves after the sink acknowledged, so a crash re-delivers at most one batch.
 
 import type { Sql } from "./db.ts";
-import { sleep, Wakeup, type BackoffPolicy } from "./backoff.ts";
+import { sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
 import { ConfigError } from "./errors.ts";
 import type { FilterFn } from "./filter.ts";
 import type { Formatter } from "./wire_format.ts";
@@ -123,14 +123,14 @@ export class ForwardWorker {
     this.#stopping.abort();
     const timer = setTimeout(() => this.#abort.abort(), drainMs);
     try {
-      if (!(await settlesWithin(this.#loop, drainMs + ABANDON_MS))) {
+      if ((await within(this.#loop ?? Promise.resolve(), drainMs + ABANDON_MS)) === TIMED_OUT) {
         this.#log.warn("the sink did not stop when aborted; its batch is left unacknowledged", { abandoned_after_ms: drainMs + ABANDON_MS });
       }
     } finally {
       clearTimeout(timer);
       this.#abort.abort();
       const closing = this.#sink?.close().catch((error) => this.#log.warn("closing the sink failed", { error }));
-      if (closing && !(await settlesWithin(closing, ABANDON_MS))) this.#log.warn("closing the sink did not finish; left behind");
+      if (closing && (await within(closing, ABANDON_MS)) === TIMED_OUT) this.#log.warn("closing the sink did not finish; left behind");
     }
   }
 
@@ -327,14 +327,3 @@ export function toMessage(row: MessageRow): OutboxMessage {
 
 /** How long a sink gets to react to an abort (or to close) before the worker stops waiting for it. */
 const ABANDON_MS = 5_000;
-
-/** Whether `promise` settles within `ms` (its rejection is thrown). */
-async function settlesWithin(promise: Promise<unknown> | undefined, ms: number): Promise<boolean> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
-  try {
-    return await Promise.race([Promise.resolve(promise).then(() => true), late]);
-  } finally {
-    clearTimeout(timer);
-  }
-}

@@ -49,7 +49,7 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
              coalesce(tide.undelivered_count(p.outbox_name, g.low, g.high, g.cursor_id),
                       tide.undelivered_count(p.outbox_name, d.low, d.high, d.cursor_id)) END AS lag,
            (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth,
-           i.table_name AS inbox_table, i.max_retries AS inbox_max_retries
+           CASE WHEN i.name IS NOT NULL THEN (SELECT count(*) FROM tide.inbox_pending(i.name)) END AS inbox_pending
       FROM tide.relay_pipelines p
       LEFT JOIN tide.inboxes i ON i.name = p.inbox_name
       LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId}
@@ -58,20 +58,12 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
       LEFT JOIN tide.consumer_groups d
         ON d.outbox_name = p.outbox_name AND d.group_name = p.consumer_group AND d.relay_group_id = 'default'
      ORDER BY p.name`;
-  return await Promise.all(rows.map(async ({ inbox_table, inbox_max_retries, ...row }) => ({
+  return rows.map((row) => ({
     ...(row as any),
     committed_offset: row.committed_offset === null ? null : Number(row.committed_offset),
     delivered_total: row.delivered_total === null ? null : Number(row.delivered_total),
     lag: row.lag === null ? null : Number(row.lag),
-    inbox_pending: inbox_table === null ? null : await inboxPending(sql, inbox_table, inbox_max_retries),
+    inbox_pending: row.inbox_pending === null ? null : Number(row.inbox_pending),
     dlq_depth: Number(row.dlq_depth),
-  })));
-}
-
-// The same rows as tide.inbox_pending, counted. Each inbox is its own table, so this is one small
-// query per reverse pipeline; the partial index on unprocessed rows keeps it cheap.
-async function inboxPending(sql: Sql, table: string, maxRetries: number): Promise<number> {
-  const [{ pending }] = await sql`
-    SELECT count(*) AS pending FROM tide.${sql(table)} WHERE processed_at IS NULL AND retry_count < ${maxRetries}`;
-  return Number(pending);
+  }));
 }

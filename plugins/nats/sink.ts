@@ -85,6 +85,8 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     error: (retriable ? ctx.errors.transient : ctx.errors.permanent)(`${where}: message ${message.id}: ${text}`, cause),
     retriable,
   });
+  // Not tried, or not this message's own failure (order must hold): no retry attempt is spent.
+  const heldBack = (message: OutboxMessage, text: string): DeliveryFailure => ({ ...failure(message, true, text), heldBack: true });
 
   /** Where a subject goes, asked once per subject (JetStream API round trip) and remembered. */
   async function routeOf(subject: string): Promise<Route | "missing"> {
@@ -127,7 +129,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     for (const message of batch) {
       if (blockedBy) {
         // Order: nothing after a message that waits for a stream goes out before it.
-        failures.push({ ...failure(message, true, `held back behind message ${blockedBy.id}, which waits for a stream`), heldBack: true });
+        failures.push(heldBack(message, `held back behind message ${blockedBy.id}, which waits for a stream`));
         continue;
       }
       let subject: string;
@@ -211,11 +213,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
         if (ack) error = await ack.then(() => undefined, (e) => e);
         if (broken) {
           // Later messages would land before the failed one on retry: fail them too (the stream drops the repeats).
-          // Not this message's own failure: its retry budget is not spent (heldBack).
-          failures.push({
-            ...failure(item.message, true, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`),
-            heldBack: true,
-          });
+          failures.push(heldBack(item.message, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`));
           continue;
         }
         if (error === undefined) continue;

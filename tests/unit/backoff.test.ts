@@ -1,7 +1,7 @@
 // Retry delays: doubling from the initial delay, capped, jittered within [ceiling/2, ceiling].
 
 import { describe, expect, it } from "bun:test";
-import { backoffDelay, sleep, Wakeup } from "../../core/backoff.ts";
+import { backoffDelay, sleep, TIMED_OUT, Wakeup, within } from "../../core/backoff.ts";
 
 const policy = { initialMs: 100, maxMs: 1_000 };
 const samples = (attempt: number) => Array.from({ length: 500 }, () => backoffDelay(attempt, policy));
@@ -43,5 +43,16 @@ describe("sleep and Wakeup", () => {
     const later = wakeup.wait(60_000);
     wakeup.set();
     await later;
+  });
+});
+
+describe("within", () => {
+  it("gives the value of a promise that settles in time, and TIMED_OUT for one that does not", async () => {
+    expect(await within(Promise.resolve(7), 1_000)).toBe(7);
+    expect(await within(new Promise(() => {}), 10)).toBe(TIMED_OUT);
+  });
+
+  it("passes a rejection on", async () => {
+    await expect(within(Promise.reject(new Error("broken")), 1_000)).rejects.toThrow("broken");
   });
 });
