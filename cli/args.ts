@@ -48,7 +48,11 @@ export function parseFlags<F extends Flags>(
         sources[name] = spec.env;
       }
     }
-    result[name] = value ?? fallback[name] ?? spec.default ?? (spec.type === "boolean" ? false : undefined);
+    if (value === undefined && fallback[name] !== undefined) {
+      value = fallback[name];
+      sources[name] = `[relay] ${name.replaceAll("-", "_")}`;
+    }
+    result[name] = value ?? spec.default ?? (spec.type === "boolean" ? false : undefined);
   }
   SOURCES.set(result, sources);
   return result as Parsed<F>;
@@ -56,7 +60,7 @@ export function parseFlags<F extends Flags>(
 
 /**
  * Where a parsed value came from, named as the user gave it, for error messages: its environment
- * variable when it came from there, else the flag. (A manifest checks its own values, naming them.)
+ * variable, or the manifest's `[relay]` key (fallback values), else the flag.
  */
 export function sourceOf(parsed: object, flag: string): string {
   return SOURCES.get(parsed)?.[flag] ?? `--${flag}`;

@@ -1,10 +1,14 @@
 // `pg-tide check`: validates a manifest and every pipeline config (the manifest's, and the catalog's
-// when a database is given) with the same code the relay runs at start, without touching any sink.
+// when a database is given) with the same code the relay runs at start, without touching any sink:
+// the engine's keys, the plugin's schema, and the plugin's create() (which compiles its templates
+// and does no I/O by contract), then close(). Every message names its pipeline.
 
 import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError, toError } from "../core/errors.ts";
 import type { PipelineRow } from "../core/forward.ts";
+import { createLogger } from "../core/log.ts";
 import { preparePipeline } from "../core/pipeline_config.ts";
+import { pluginContext, type PluginRegistry } from "../core/plugins.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG } from "./args.ts";
 import { CONFIG_FLAG, loadConfig } from "./manifest_flags.ts";
@@ -17,11 +21,13 @@ const FLAGS = {
 
 export const CHECK_HELP = formatHelp(
   "pg-tide check [--config FILE] [--postgres-url URL]",
-  "Validates the manifest, loads its drop-in plugins, and checks every pipeline config against its\n" +
-    "plugin's schema, filter and templates, without connecting to any sink or source: the manifest's\n" +
-    "[[pipelines]], and the catalog's when a database URL is given (flag, PG_TIDE_POSTGRES_URL or the\n" +
-    "manifest's [relay] postgres_url). Exits 1 and lists each problem when a pipeline config is\n" +
-    "invalid, 2 when the manifest itself cannot be used (the message names the file and the key).",
+  "Validates the manifest, loads its drop-in plugins (one that declares a built-in type needs\n" +
+    "override = true), and checks every pipeline config against its plugin's schema, its filter and\n" +
+    "every template (an unknown placeholder is an error), without connecting to any sink or source:\n" +
+    "the manifest's [[pipelines]], and the catalog's when a database URL is given (flag,\n" +
+    "PG_TIDE_POSTGRES_URL or the manifest's [relay] postgres_url). Exits 1 and lists each problem,\n" +
+    "named after its pipeline, when a pipeline config is invalid; 2 when the manifest or a plugin\n" +
+    "cannot be used (the message names the file and the key).",
   FLAGS,
 );
 
@@ -58,13 +64,13 @@ export async function checkCommand(args: string[]): Promise<number> {
   }
   const problems: string[] = [];
   for (const row of rows) {
-    try {
-      await preparePipeline(row, registry);
-    } catch (error) {
-      problems.push(toError(error).message);
-    }
+    const problem = await pipelineProblem(row, registry);
+    if (problem) problems.push(problem);
   }
   if (manifest) writeStdout(`manifest ${manifest.path}: ok (${Object.keys(manifest.plugins).length} drop-in plugins)\n`);
+  for (const { kind, type, plugin } of registry.replaced()) {
+    writeStdout(`plugin "${plugin}" replaces the built-in ${kind} "${type}" (override = true)\n`);
+  }
   if (!url) {
     writeStdout(
       "catalog not checked: no database URL (--postgres-url, PG_TIDE_POSTGRES_URL or [relay] postgres_url); " +
@@ -80,3 +86,30 @@ export async function checkCommand(args: string[]): Promise<number> {
   for (const problem of problems) writeStdout(`  ${problem}\n`);
   return problems.length ? 1 : 0;
 }
+
+/**
+ * What the relay would refuse when it starts this pipeline, named after it: the config checks, then
+ * the plugin's create() (templates compile there), then close() on the unconnected instance.
+ */
+async function pipelineProblem(
+  row: Pick<PipelineRow, "name" | "direction" | "plugin_type" | "config">,
+  registry: PluginRegistry,
+): Promise<string | undefined> {
+  const abort = new AbortController();
+  try {
+    const prepared = await preparePipeline(row, registry);
+    const silent = createLogger({ level: "error", format: "text", write: () => {} });
+    const ctx = pluginContext(row.name, silent, abort.signal, CHECK_BATCH_SIZE);
+    const instance = prepared.definition.create(prepared.pluginConfig as never, ctx);
+    await instance.close();
+    return undefined;
+  } catch (error) {
+    const message = toError(error).message;
+    return message.startsWith(`pipeline "${row.name}"`) ? message : `pipeline "${row.name}": ${message}`;
+  } finally {
+    abort.abort();
+  }
+}
+
+/** ctx.batchSize for create(); a config is valid or not whatever its value. */
+const CHECK_BATCH_SIZE = 100;

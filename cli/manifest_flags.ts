@@ -19,13 +19,16 @@ export interface Loaded {
   registry: PluginRegistry;
 }
 
-/** Loads the manifest (if any) and registers its drop-in plugins next to the built-in ones. */
+/**
+ * Loads the manifest (if any) and registers its drop-in plugins next to the built-in ones. A drop-in
+ * replaces a built-in type only when the manifest says `override = true` for it.
+ */
 export async function loadConfig(path: string | undefined): Promise<Loaded> {
   const registry = new PluginRegistry();
   if (!path) return { registry };
   const manifest = await loadManifest(path);
   for (const [name, file] of Object.entries(manifest.plugins)) {
-    await registry.load(name, file, dirname(manifest.path));
+    await registry.load(name, file, dirname(manifest.path), { override: manifest.overrides.includes(name) });
   }
   return { manifest, registry };
 }
@@ -41,7 +44,10 @@ export function relayFallback(manifest: Manifest | undefined): Record<string, st
     "max-pipelines": text(relay.max_pipelines),
     "poll-interval-ms": text(relay.poll_interval_ms),
     "drain-timeout": text(relay.drain_timeout),
+    "ownership-lease-ms": text(relay.ownership_lease_ms),
     "log-format": relay.log_format,
     "log-level": relay.log_level,
+    "http-token": relay.http_token,
+    "http-token-scope": relay.http_token_scope,
   };
 }

@@ -2,7 +2,9 @@
 
 import { ConfigError, exitCodeOf, toError } from "../core/errors.ts";
 import { createLogger, isLogLevel, type Logger } from "../core/log.ts";
+import { HTTP_TOKEN_SCOPES, type HttpAuth, type HttpTokenScope, httpTokenProblem } from "../core/http_auth.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS, Relay } from "../core/relay.ts";
+import { DEFAULT_OWNERSHIP_LEASE_MS } from "../core/coordinator.ts";
 import { onSignal, writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl, sourceOf } from "./args.ts";
 import { CONFIG_FLAG, loadConfig, relayFallback } from "./manifest_flags.ts";
@@ -38,6 +40,14 @@ export const RUN_FLAGS = {
     placeholder: "MS",
     help: "how often the catalog is re-read and dead relays' pipelines are taken over (NOTIFY and SIGHUP act at once)",
   },
+  "ownership-lease-ms": {
+    type: "string",
+    env: "PG_TIDE_OWNERSHIP_LEASE_MS",
+    default: String(DEFAULT_OWNERSHIP_LEASE_MS),
+    placeholder: "MS",
+    help: "a relay whose heartbeat is older than this (frozen, paused, cut off) loses its pipelines: " +
+      "another relay ends its lock session and takes them over (at least 1000)",
+  },
   "drain-timeout": {
     type: "string",
     env: "PG_TIDE_DRAIN_TIMEOUT",
@@ -51,7 +61,23 @@ export const RUN_FLAGS = {
     env: "PG_TIDE_METRICS_ADDR",
     default: "0.0.0.0:9090",
     placeholder: "HOST:PORT",
-    help: "serve /metrics, /livez, /readyz, /api/v1/pipelines and the status page here (\"off\" disables it)",
+    help: "serve /metrics, /livez, /readyz, /api/v1/pipelines, the status page and webhook sources' " +
+      "/ingest/ routes here (\"off\" disables it); 0.0.0.0 listens on every interface",
+  },
+  "http-token": {
+    type: "string",
+    env: "PG_TIDE_HTTP_TOKEN",
+    placeholder: "TOKEN",
+    help: "protect the HTTP server with this token: /api/, the status page and unsigned /ingest/ routes answer 401 " +
+      "without \"Authorization: Bearer TOKEN\" (browsers: any user name, the token as password); signed webhook " +
+      "sources are checked by their signature instead. At least 16 characters, e.g. from: openssl rand -hex 32",
+  },
+  "http-token-scope": {
+    type: "string",
+    env: "PG_TIDE_HTTP_TOKEN_SCOPE",
+    default: "api",
+    placeholder: "api|all",
+    help: "api: /livez, /readyz, /health and /metrics stay open for probes and Prometheus; all: they ask for the token too",
   },
   "log-format": { type: "string", env: "PG_TIDE_LOG_FORMAT", default: "text", placeholder: "text|json", help: "log line format" },
   "log-level": {
@@ -103,8 +129,10 @@ export async function runCommand(args: string[]): Promise<number> {
       maxPipelines: int("max-pipelines"),
       pollIntervalMs: int("poll-interval-ms"),
       reconcileIntervalMs: int("reconcile-interval-ms"),
+      ownershipLeaseMs: leaseMs(sourceOf(flags, "ownership-lease-ms"), flags["ownership-lease-ms"]!),
       drainTimeoutMs,
       metricsAddr: metricsAddr === "off" ? undefined : metricsAddr,
+      httpAuth: httpAuthFromFlags(flags),
       registry,
       pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
     });
@@ -176,8 +204,32 @@ export function loggerFromFlags(
   return createLogger({ format, level });
 }
 
+/** The HTTP token settings; the token is never quoted in a message. */
+function httpAuthFromFlags(flags: { "http-token"?: string; "http-token-scope"?: string }): HttpAuth | undefined {
+  const token = flags["http-token"];
+  const scope = flags["http-token-scope"] ?? "api";
+  if (!HTTP_TOKEN_SCOPES.includes(scope as HttpTokenScope)) {
+    throw new ConfigError(`${sourceOf(flags, "http-token-scope")} must be "api" or "all" (got "${scope}")`);
+  }
+  if (token === undefined) {
+    if (scope === "all") {
+      throw new ConfigError(`${sourceOf(flags, "http-token-scope")} "all" needs a token: set --http-token (or PG_TIDE_HTTP_TOKEN)`);
+    }
+    return undefined;
+  }
+  const problem = httpTokenProblem(token);
+  if (problem) throw new ConfigError(`${sourceOf(flags, "http-token")} ${problem}`);
+  return { token, scope: scope as HttpTokenScope };
+}
+
 function positiveInt(source: string, value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n <= 0) throw new ConfigError(`${source} must be a positive integer (got "${value}")`);
+  return n;
+}
+
+function leaseMs(source: string, value: string): number {
+  const n = positiveInt(source, value);
+  if (n < 1000) throw new ConfigError(`${source} must be at least 1000 ms (got ${n}): a shorter lease fences relays that are merely busy`);
   return n;
 }

@@ -1,9 +1,17 @@
 // Decides which pipelines this relay runs. Ownership is a session advisory lock keyed by
-// (relay_group_id, pipeline) held on one dedicated connection: if the relay dies, PostgreSQL drops
-// the session and its locks, and another relay's next reconcile takes the pipelines over.
-// Reconciles on NOTIFY tide_relay_config, on SIGHUP (via reconcile()) and every few seconds.
+// (relay_group_id, pipeline) held on a connection of its own, outside the pool: if the relay dies,
+// PostgreSQL drops the session and its locks, and another relay's next reconcile takes the pipelines
+// over. Reconciles on NOTIFY tide_relay_config, on SIGHUP (via reconcile()) and every few seconds.
+//
+// Ownership is checked, not assumed. The lock session's backend pid is recorded when it connects;
+// every tick (and whenever a worker's acknowledgement is refused as stale) the session is asked for
+// its pid and its locks. A different pid means the session died and the client reconnected: the
+// locks are gone. On any doubt every worker is fenced at once (aborted, nothing acknowledged after),
+// the client is closed, and ownership is taken again from scratch. While the session is good the
+// tick refreshes the pipelines' heartbeat; an owner whose heartbeat is older than the lease (frozen)
+// has its lock session ended by another relay (tide.relay_fence_stale_owner).
 
-import type { ReservedSql, Sql } from "./db.ts";
+import { connect, type Sql } from "./db.ts";
 import { toError } from "./errors.ts";
 import { ForwardWorker, type PipelineRow, type WorkerStatus } from "./forward.ts";
 import { ReverseWorker } from "./reverse.ts";
@@ -12,6 +20,7 @@ import type { RelayEvents } from "./events.ts";
 import type { HttpRoutes } from "./plugin.ts";
 import type { PluginRegistry } from "./plugins.ts";
 import { TIMED_OUT, within } from "./backoff.ts";
+import { failpoint } from "./failpoints.ts";
 import { redactText } from "./redact.ts";
 
 export interface CoordinatorOptions {
@@ -27,6 +36,8 @@ export interface CoordinatorOptions {
   reconcileIntervalMs: number;
   pollIntervalMs: number;
   drainTimeoutMs: number;
+  /** An owner whose heartbeat is older than this loses its pipelines to another relay. */
+  ownershipLeaseMs: number;
   events?: RelayEvents;
 }
 
@@ -38,12 +49,25 @@ export interface PipelineWorker {
   readonly status: WorkerStatus;
   start(): Promise<void>;
   stop(drainMs?: number): Promise<void>;
+  /** Ownership is in doubt: stop delivering at once and never acknowledge again. */
+  fence(): void;
   wake(): void;
   requeue(): void;
 }
 
 /** A lock connection that does not answer this fast is treated as lost. */
 export const LOCK_CHECK_TIMEOUT_MS = 5_000;
+/** How often the lock session is verified (and the heartbeat written): a third of the lease, at most this. */
+export const OWNERSHIP_TICK_MS = 1_000;
+export const DEFAULT_OWNERSHIP_LEASE_MS = 6_000;
+/** How soon a reconcile that failed without a lock session is tried again. */
+const RECONNECT_RETRY_MS = 500;
+
+/** The dedicated lock session: its own client, and the backend pid that holds the locks. */
+interface OwnershipSession {
+  sql: Sql;
+  pid: number;
+}
 
 export interface OwnedPipeline {
   name: string;
@@ -56,8 +80,14 @@ export class Coordinator {
   readonly #workers = new Map<string, PipelineWorker>();
   /** Pipelines whose worker failed to start, with the config version that failed. */
   readonly #broken = new Map<string, number>();
-  #lockConnection: ReservedSql | undefined;
+  #session: OwnershipSession | undefined;
+  /** The verification in progress, shared by everyone asking at the same moment. */
+  #verifying: Promise<boolean> | undefined;
   #timer: ReturnType<typeof setInterval> | undefined;
+  #tickTimer: ReturnType<typeof setInterval> | undefined;
+  #heartbeatAt = 0;
+  /** Pipelines being released: their worker drains its batch and may still acknowledge it. */
+  readonly #draining = new Set<string>();
   #unlisten: (() => Promise<void>)[] = [];
   #reconciling: Promise<void> | undefined;
   #again = false;
@@ -84,7 +114,22 @@ export class Coordinator {
     this.#unlisten = [config.unlisten, outbox.unlisten];
     await this.reconcile();
     this.#timer = setInterval(() => void this.reconcile(), this.#options.reconcileIntervalMs);
+    const tick = Math.min(OWNERSHIP_TICK_MS, Math.floor(this.#options.ownershipLeaseMs / 3));
+    this.#tickTimer = setInterval(() => void this.#tick(), tick);
     this.running = true;
+  }
+
+  /**
+   * Whether this relay still holds its lock session (the reverse worker asks before it acknowledges
+   * to its source). False also fences every worker.
+   */
+  async stillOwns(name: string): Promise<boolean> {
+    return (this.#workers.has(name) || this.#draining.has(name)) && (await this.#verify());
+  }
+
+  /** A worker's acknowledgement was refused: the position moved under it. Check ownership now. */
+  staleAck(): void {
+    void this.#verify();
   }
 
   /** Runs one reconcile; calls arriving meanwhile fold into one more run after it. */
@@ -100,6 +145,9 @@ export class Coordinator {
           await this.#reconcileOnce();
         } catch (error) {
           this.#log.error("reconcile failed; retrying on the next tick", { error: toError(error) });
+          // Without a lock session (the server is away) try again soon: delivery resumes within
+          // about a second of the server's return, not a whole reconcile interval later.
+          if (!this.#session && !this.#stopped) setTimeout(() => void this.reconcile(), RECONNECT_RETRY_MS).unref?.();
         }
       } while (this.#again && !this.#stopped);
     })().finally(() => (this.#reconciling = undefined));
@@ -111,20 +159,23 @@ export class Coordinator {
     this.#stopped = true;
     this.running = false;
     clearInterval(this.#timer);
-    await this.#reconciling;
-    await Promise.all([...this.#workers.keys()].map((name) => this.#release(name)));
-    await Promise.all(this.#unlisten.map((unlisten) => unlisten().catch(() => {})));
-    this.#lockConnection?.release();
-    this.#lockConnection = undefined;
+    clearInterval(this.#tickTimer);
+    // A reconcile waiting on a server that went away must not hold the stop up.
+    await within(this.#reconciling ?? Promise.resolve(), LOCK_CHECK_TIMEOUT_MS);
+    await Promise.all([...this.#workers.keys()].map((name) => this.#release(name, { unlock: false })));
+    await within(Promise.all(this.#unlisten.map((unlisten) => unlisten().catch(() => {}))), 1_000);
+    // Closing the session releases every lock at once; a dead server cannot hold the stop up.
+    await this.#closeSession();
   }
 
   async #reconcileOnce(): Promise<void> {
     if (this.#stopped) return;
     const { sql, relayGroupId } = this.#options;
-    const locks = await this.#locks();
+    const locks = await this.#ownership();
     const rows = await sql<PipelineRow[]>`
       SELECT * FROM tide.relay_pipelines WHERE enabled ORDER BY name`;
     const wanted = new Map(rows.map((row) => [row.name, row]));
+    await this.#fenceFrozenOwners(wanted);
 
     for (const [name, worker] of this.#workers) {
       const row = wanted.get(name);
@@ -140,15 +191,16 @@ export class Coordinator {
       const [{ locked }] = await locks<{ locked: boolean }[]>`
         SELECT pg_try_advisory_lock(hashtext(${relayGroupId}), hashtext(${row.name})) AS locked`;
       if (!locked) continue;
+      await failpoint("coordinator.holding-locks");
       await this.#startWorker(row, locks);
     }
-    await this.#heartbeat();
   }
 
-  async #startWorker(row: PipelineRow, locks: ReservedSql): Promise<void> {
+  async #startWorker(row: PipelineRow, locks: Sql): Promise<void> {
+    const hooks = { staleAck: () => this.staleAck(), stillOwner: () => this.stillOwns(row.name) };
     const worker: PipelineWorker = row.direction === "forward"
-      ? new ForwardWorker(row, this.#options)
-      : new ReverseWorker(row, this.#options);
+      ? new ForwardWorker(row, { ...this.#options, ...hooks })
+      : new ReverseWorker(row, { ...this.#options, ...hooks });
     try {
       await worker.start();
     } catch (error) {
@@ -162,6 +214,12 @@ export class Coordinator {
         ON CONFLICT (pipeline, relay_group_id) DO UPDATE
            SET owner_id = NULL, healthy = false, last_error = excluded.last_error, last_error_at = now()`;
       await locks`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${row.name}))`;
+      return;
+    }
+    if (this.#session?.sql !== locks) {
+      // The session that took the lock was lost while the worker started: it owns nothing.
+      worker.fence();
+      await worker.stop(0);
       return;
     }
     this.#broken.delete(row.name);
@@ -180,13 +238,21 @@ export class Coordinator {
              retry_attempt = 0`;
   }
 
-  async #release(name: string): Promise<void> {
+  async #release(name: string, { unlock = true } = {}): Promise<void> {
     const worker = this.#workers.get(name);
     this.#workers.delete(name);
-    await worker?.stop(this.#options.drainTimeoutMs);
+    this.#draining.add(name);
     try {
-      const locks = this.#lockConnection;
-      if (locks) await locks`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${name}))`;
+      await worker?.stop(this.#options.drainTimeoutMs);
+    } finally {
+      this.#draining.delete(name);
+    }
+    try {
+      const session = this.#session;
+      if (unlock && session) {
+        const unlocked = session.sql`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${name}))`;
+        if ((await within(unlocked, LOCK_CHECK_TIMEOUT_MS)) === TIMED_OUT) throw new Error("the ownership connection did not answer");
+      }
       await this.#options.sql`
         UPDATE tide.relay_pipeline_state SET owner_id = NULL
          WHERE pipeline = ${name} AND relay_group_id = ${this.#options.relayGroupId} AND owner_id = ${this.#options.relayId}`;
@@ -198,26 +264,132 @@ export class Coordinator {
     }
   }
 
-  /** The lock connection; if it broke, every lock is gone, so every worker stops before relocking. */
-  async #locks(): Promise<ReservedSql> {
-    if (this.#lockConnection) {
+  /** The verified lock session, or a new one (with no locks) when there was none or it was lost. */
+  async #ownership(): Promise<Sql> {
+    if (this.#session && (await this.#verify())) return this.#session.sql;
+    if (this.#session) await this.#lose("the ownership session could not be verified");
+    if (!this.#options.postgresUrl) throw new Error("the coordinator needs postgresUrl for its ownership session");
+    const sql = connect(this.#options.postgresUrl, {
+      max: 1,
+      keepAlive: true,
+      applicationName: `pg-tide ownership ${this.#options.relayGroupId}`,
+    });
+    try {
+      const [{ pid }] = await sql<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
+      this.#session = { sql, pid };
+    } catch (error) {
+      await sql.end({ timeout: 0 }).catch(() => {});
+      throw error;
+    }
+    return sql;
+  }
+
+  /**
+   * Asks the lock session for its pid and for the locks of every owned pipeline. False, after
+   * fencing every worker, when the session is another one (it died and the client reconnected), a
+   * lock is missing, or the session does not answer in time.
+   */
+  #verify(): Promise<boolean> {
+    this.#verifying ??= (async () => {
+      const session = this.#session;
+      if (!session) {
+        if (this.#workers.size === 0) return true;
+        await this.#lose("no ownership session");
+        return false;
+      }
+      const names = [...this.#workers.keys()];
+      let problem: string | undefined;
       try {
-        if ((await within(this.#lockConnection`SELECT 1`, LOCK_CHECK_TIMEOUT_MS)) === TIMED_OUT) {
-          throw new Error("the ownership connection did not answer");
-        }
-        return this.#lockConnection;
+        const answer = await within(session.sql<{ pid: number; missing: string[] }[]>`
+          SELECT pg_backend_pid() AS pid,
+                 array(SELECT n FROM unnest(${names}::text[]) n
+                        WHERE NOT EXISTS (
+                          SELECT 1 FROM pg_locks l
+                           WHERE l.pid = pg_backend_pid() AND l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                             AND l.classid::integer = hashtext(${this.#options.relayGroupId})
+                             AND l.objid::integer = hashtext(n))) AS missing`, LOCK_CHECK_TIMEOUT_MS);
+        if (answer === TIMED_OUT) problem = `the ownership session did not answer within ${LOCK_CHECK_TIMEOUT_MS} ms`;
+        else if (answer[0].pid !== session.pid) problem = `the ownership session ended (backend ${session.pid}); its locks are gone`;
+        else if (answer[0].missing.length > 0) problem = `the locks of ${answer[0].missing.join(", ")} are no longer held`;
       } catch (error) {
-        this.#log.error("lost the ownership connection; stopping all pipelines", { error: toError(error) });
-        const names = [...this.#workers.keys()];
-        const workers = names.map((name) => this.#workers.get(name)!);
-        this.#workers.clear();
-        await Promise.all(workers.map((w) => w.stop(this.#options.drainTimeoutMs)));
-        this.#lockConnection.release();
-        this.#lockConnection = undefined;
+        problem = `the ownership session failed: ${toError(error).message}`;
+      }
+      if (problem === undefined) return true;
+      if (this.#session === session) await this.#lose(problem);
+      return false;
+    })().finally(() => (this.#verifying = undefined));
+    return this.#verifying;
+  }
+
+  /**
+   * The lock session is lost or in doubt: fence every worker at once (no drain, nothing acknowledged
+   * after this), close the session, and let the next reconcile take ownership again from scratch.
+   */
+  async #lose(problem: string): Promise<void> {
+    const workers = [...this.#workers.values()];
+    this.#workers.clear();
+    if (workers.length > 0) {
+      this.#log.error("lost pipeline ownership; stopping every pipeline at once without acknowledging", {
+        reason: redactText(problem),
+        pipelines: workers.map((w) => w.name),
+      });
+    } else {
+      this.#log.warn("the ownership session was lost; opening a new one", { reason: redactText(problem) });
+    }
+    for (const worker of workers) worker.fence();
+    await this.#closeSession();
+    await failpoint("coordinator.reacquiring");
+    await Promise.all(workers.map((w) => w.stop(0)));
+    if (!this.#stopped) void this.reconcile();
+  }
+
+  async #closeSession(): Promise<void> {
+    const session = this.#session;
+    this.#session = undefined;
+    await session?.sql.end({ timeout: 0 }).catch(() => {});
+  }
+
+  /** Every tick: verify the lock session; every third of the lease, refresh the heartbeat too. */
+  async #tick(): Promise<void> {
+    if (this.#stopped || this.#workers.size === 0) return;
+    if (!(await this.#verify())) return;
+    if (Date.now() - this.#heartbeatAt < this.#options.ownershipLeaseMs / 3) return;
+    this.#heartbeatAt = Date.now();
+    try {
+      await this.#heartbeat();
+    } catch (error) {
+      this.#log.debug("writing the heartbeat failed", { error: toError(error) });
+    }
+  }
+
+  /**
+   * A pipeline this relay wants but whose owner's heartbeat is older than the lease: that owner is
+   * frozen (or cut off). Ending its lock session releases the pipeline for the next reconcile; its
+   * late acknowledgements are refused by consumer_commit.
+   */
+  async #fenceFrozenOwners(wanted: Map<string, unknown>): Promise<void> {
+    if (this.#workers.size >= this.#options.maxPipelines) return;
+    const { sql, relayGroupId, relayId, ownershipLeaseMs } = this.#options;
+    const stale = await sql<{ pipeline: string }[]>`
+      SELECT pipeline FROM tide.relay_pipeline_state
+       WHERE relay_group_id = ${relayGroupId} AND owner_id IS NOT NULL AND owner_id <> ${relayId}
+         AND coalesce(heartbeat_at, acquired_at) < now() - make_interval(secs => ${ownershipLeaseMs / 1000})`;
+    for (const { pipeline } of stale) {
+      if (!wanted.has(pipeline) || this.#workers.has(pipeline)) continue;
+      try {
+        const [{ pid }] = await sql<{ pid: number | null }[]>`
+          SELECT tide.relay_fence_stale_owner(${pipeline}, ${relayGroupId}, ${ownershipLeaseMs}) AS pid`;
+        if (pid !== null) {
+          this.#log.warn("ended the lock session of an owner whose heartbeat is older than the lease", {
+            pipeline,
+            backend_pid: pid,
+            lease_ms: ownershipLeaseMs,
+          });
+        }
+      } catch (error) {
+        this.#log.warn("cannot end a frozen owner's lock session", { pipeline, error: toError(error) });
       }
     }
-    this.#lockConnection = await this.#options.sql.reserve();
-    return this.#lockConnection;
   }
 
   async #heartbeat(): Promise<void> {
@@ -238,7 +410,8 @@ export class Coordinator {
              last_error_at = r.last_error_at::timestamptz, retry_attempt = r.retry_attempt, circuit = r.circuit
         FROM jsonb_to_recordset(${this.#options.sql.json(rows)}::jsonb)
              AS r(pipeline text, healthy boolean, last_error text, last_error_at text, retry_attempt int, circuit text)
-       WHERE s.pipeline = r.pipeline AND s.relay_group_id = ${this.#options.relayGroupId}`;
+       WHERE s.pipeline = r.pipeline AND s.relay_group_id = ${this.#options.relayGroupId}
+         AND s.owner_id = ${this.#options.relayId}`;
   }
 
   #onConfigNotice(pipeline: string): void {

@@ -13,14 +13,26 @@ export interface ConnectOptions {
   /** Pool size; the relay adds dedicated connections for locks and LISTEN on top. */
   max?: number;
   applicationName?: string;
+  /**
+   * Server-side idle_in_transaction_session_timeout: a process frozen inside a transaction (SIGSTOP,
+   * a VM pause) must not hold row locks that keep the next owner of its pipelines waiting.
+   */
+  idleInTransactionTimeoutMs?: number;
+  /** A session that must live as long as the process (it holds session locks): never recycled. */
+  keepAlive?: boolean;
 }
 
 export function connect(url: string, options: ConnectOptions = {}): Sql {
+  const connection: Record<string, string> = { application_name: options.applicationName ?? "pg-tide" };
+  if (options.idleInTransactionTimeoutMs) {
+    connection.idle_in_transaction_session_timeout = String(options.idleInTransactionTimeoutMs);
+  }
   return postgres(url, {
     max: options.max ?? 4,
     types: { bigint: postgres.BigInt },
     onnotice: () => {},
-    connection: { application_name: options.applicationName ?? "pg-tide" },
+    connection,
+    ...(options.keepAlive ? { max_lifetime: null } : {}),
   });
 }
 

@@ -14,6 +14,10 @@ export interface RelayEvents {
   deadLettered?(pipeline: string, count: number): void;
   /** Messages were skipped by the pipeline's filter. */
   filtered?(pipeline: string, count: number): void;
+  /** The filter could not decide on a message (evaluation error or non-bool result). */
+  filterFailed?(pipeline: string, error: Error): void;
+  /** An acknowledgement was refused as stale (fencing): the batch will be read again. */
+  staleAck?(pipeline: string): void;
 }
 
 /** One RelayEvents that calls each of the given ones in turn. */
@@ -25,5 +29,7 @@ export function combineEvents(...all: (RelayEvents | undefined)[]): RelayEvents 
     failed: (...args) => list.forEach((e) => e.failed?.(...args)),
     deadLettered: (...args) => list.forEach((e) => e.deadLettered?.(...args)),
     filtered: (...args) => list.forEach((e) => e.filtered?.(...args)),
+    filterFailed: (...args) => list.forEach((e) => e.filterFailed?.(...args)),
+    staleAck: (...args) => list.forEach((e) => e.staleAck?.(...args)),
   };
 }

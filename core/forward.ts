@@ -1,9 +1,16 @@
 // One forward pipeline: read the next batch of its consumer group, filter, hand it to the sink,
 // retry what failed, dead-letter what cannot be delivered, and only then move the position.
 // The position moves after the sink acknowledged, so a crash re-delivers at most one batch.
+//
+// Every batch carries the fence it was read under (interval, cursor, rewind generation) and its
+// acknowledgement is a compare-and-set on them (tide.consumer_commit): an acknowledgement that
+// arrives late, from a relay that lost its lock or a process that was paused, is refused instead of
+// moving the position over messages nobody delivered. A worker never acknowledges once it was fenced
+// or aborted.
 
 import type { Sql } from "./db.ts";
-import { sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
+import { backoffDelay, sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
+import { failpoint, failpointEnabled } from "./failpoints.ts";
 import { ConfigError } from "./errors.ts";
 import type { FilterFn } from "./filter.ts";
 import type { Formatter } from "./wire_format.ts";
@@ -12,6 +19,7 @@ import { WorkerStatus } from "./worker_status.ts";
 import type { Logger } from "./log.ts";
 import type { OutboxMessage, SinkInstance } from "./plugin.ts";
 import { preparePipeline } from "./pipeline_config.ts";
+import { redactText } from "./redact.ts";
 import { pluginContext, type PluginRegistry } from "./plugins.ts";
 import { eventTypeOf, opOf } from "./template.ts";
 
@@ -39,6 +47,20 @@ export interface ForwardOptions {
   relayGroupId: string;
   pollIntervalMs: number;
   events?: RelayEvents;
+  /** Called when an acknowledgement was refused as stale (the coordinator re-checks ownership). */
+  staleAck?: () => void;
+}
+
+/** Retrying a failed read or acknowledgement: the database is back within a second of its return. */
+export const DATABASE_RETRY: BackoffPolicy = { initialMs: 100, maxMs: 1_000 };
+
+/** What a batch was read under: tide.consumer_commit refuses an acknowledgement when any has moved. */
+interface Fence {
+  /** consumer_groups.owner_epoch this worker claimed when it took the pipeline over. */
+  ownerEpoch: bigint;
+  intervalSeq: bigint;
+  readCursor: bigint;
+  generation: bigint;
 }
 
 /** 0: retry a transiently failing message until it is delivered (webhooks: "until 2xx"). */
@@ -60,8 +82,11 @@ export class ForwardWorker {
   #loop: Promise<void> | undefined;
   #retry: BackoffPolicy & { maxAttempts: number };
   #pauseOnFailure: boolean;
-  /** consumer_groups.generation when the batch being delivered was read (see consumer_commit). */
-  #generation = 0n;
+  #fence: Fence | undefined;
+  #ownerEpoch: bigint | undefined;
+  /** Set when ownership is in doubt: nothing is acknowledged any more. */
+  #fenced = false;
+  #databaseFailures = 0;
   #redeliverDeadLetters = true;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
@@ -92,15 +117,20 @@ export class ForwardWorker {
 
   /** Validates and builds the sink (no I/O), then starts the delivery loop. */
   async start(): Promise<void> {
-    const prepared = await preparePipeline(this.#row, this.#options.registry, {
-      onError: (error) => this.#log.debug("filter did not match", { error }),
-    });
+    const prepared = await preparePipeline(this.#row, this.#options.registry);
     this.#filter = prepared.filter;
     this.#format = prepared.format;
     const ctx = pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl);
     if (prepared.definition.kind !== "sink") throw new ConfigError(`pipeline "${this.#row.name}": not a sink`);
     this.#sink = prepared.definition.create(prepared.pluginConfig, ctx);
     this.#loop = this.#run();
+  }
+
+  /** Ownership is in doubt: abort the sink and the loop at once; nothing is acknowledged after this. */
+  fence(): void {
+    this.#fenced = true;
+    this.#stopping.abort();
+    this.#abort.abort();
   }
 
   /** New messages may be there: end the idle wait now. */
@@ -146,30 +176,34 @@ export class ForwardWorker {
             throw error;
           });
         }
-        // The group's generation comes with the batch, so that an acknowledgement racing a rewind
-        // is ignored. Read in the statement's snapshot it can only be older than the one the batch
-        // came from, which makes the acknowledgement a no-op and the batch is read again: a
-        // duplicate, never a loss. A group row created by this very call starts at 0.
         const { relayGroupId } = this.#options;
         const { outbox_name: outbox, consumer_group: group } = this.#row;
-        const rows = await this.#options.sql<(MessageRow & { generation: bigint })[]>`
-          SELECT b.id, b.outbox, b.topic, b.payload, b.headers, b.created_at,
-                 coalesce((SELECT generation FROM tide.consumer_groups
-                            WHERE outbox_name = ${outbox} AND group_name = ${group}
-                              AND relay_group_id = ${relayGroupId}), 0) AS generation
-            FROM tide.consumer_next_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}) b`;
+        if (this.#ownerEpoch === undefined) {
+          // Taking the pipeline over: from now on a former owner's acknowledgements are refused.
+          const [{ epoch }] = await this.#options.sql<{ epoch: bigint }[]>`
+            SELECT tide.consumer_claim(${outbox}, ${group}, ${relayGroupId}) AS epoch`;
+          this.#ownerEpoch = epoch;
+        }
+        const rows = await this.#options.sql<(MessageRow & { interval_seq: bigint; read_cursor: bigint; generation: bigint })[]>`
+          SELECT id, outbox, topic, payload, headers, created_at, interval_seq, read_cursor, generation
+            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId})`;
+        this.#databaseFailures = 0;
         if (rows.length === 0) {
           this.status.waiting = true;
           await this.#wakeup.wait(this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs, stop);
           this.status.waiting = false;
           continue;
         }
-        this.#generation = rows[0].generation;
+        const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
+        this.#fence = { ownerEpoch: this.#ownerEpoch!, intervalSeq, readCursor, generation };
+        await failpoint("forward.after-read");
         const delivered = await this.#deliver(rows.map(toMessage));
-        if (!delivered) continue; // stopping or paused: the batch stays unacknowledged
+        if (!delivered) continue; // stopping, paused or refused: the batch stays unacknowledged
       } catch (error) {
+        if (stop.aborted) break;
+        // The database, not the sink: retry fast, so delivery resumes right after it is back.
         this.status.fail(error, "reading or acknowledging the outbox failed");
-        await sleep(this.status.retryDelay(this.#retry), stop);
+        await sleep(backoffDelay(++this.#databaseFailures, DATABASE_RETRY), stop);
       }
     }
   }
@@ -191,15 +225,15 @@ export class ForwardWorker {
   /** Delivers a batch with retries; true once it is acknowledged (position moved). */
   async #deliver(batch: OutboxMessage[]): Promise<boolean> {
     const stop = this.#stopping.signal;
-    const matching = this.#filter ? batch.filter((m) => this.#matches(m)) : batch;
+    const { matching, undecided } = this.#filter ? this.#matches(batch) : { matching: batch, undecided: [] };
     const passing = this.#format ? matching.map(this.#format) : matching;
     const attempts = new Map<bigint, number>();
-    const dead: { message: OutboxMessage; error: string; attempts: number }[] = [];
+    const dead: DeadLetter[] = [...undecided];
     let pending = passing;
     while (pending.length > 0) {
       let failures;
       try {
-        failures = await this.#sink!.publish(pending);
+        failures = await this.#publish(pending);
       } catch (error) {
         // The whole batch failed (target down): keep it in the outbox and retry without a budget.
         this.status.fail(error, "delivery failed", { batch: pending.length });
@@ -208,13 +242,21 @@ export class ForwardWorker {
         if (stop.aborted) return false;
         continue;
       }
+      if (this.#abort.signal.aborted) return false; // cut off: the batch stays unacknowledged
       const failed = new Map(failures.map((f) => [f.id, f]));
+      // An outage, not a bad message: every message tried failed, none went through, and each may
+      // succeed later (connection errors, 5xx, timeouts). It is retried like a thrown error, without
+      // spending anyone's attempts. A message spends its attempts only when it fails while others in
+      // the same call succeed, when the target refused it (DeliveryFailure.refused), or when its
+      // failure is permanent.
+      const tried = pending.filter((m) => !failed.get(m.id)?.heldBack);
+      const outage = tried.length > 0 && tried.every((m) => failed.get(m.id)?.retriable && !failed.get(m.id)?.refused);
       const retry: OutboxMessage[] = [];
       for (const message of pending) {
         const failure = failed.get(message.id);
         if (!failure) continue;
-        if (failure.heldBack) {
-          retry.push(message); // not tried: no attempt spent
+        if (failure.heldBack || (outage && failure.retriable)) {
+          retry.push(message); // not tried, or tried during an outage: no attempt spent
           continue;
         }
         const count = (attempts.get(message.id) ?? 0) + 1;
@@ -234,46 +276,91 @@ export class ForwardWorker {
         const blocked = [...dead.map((d) => d.message.id), ...retry.map((m) => m.id)]
           .reduce((low, id) => (id < low ? id : low));
         const before = batch.filter((m) => m.id < blocked);
-        if (before.length > 0) await this.#acknowledge(before, []);
+        if (before.length > 0 && !(await this.#acknowledge(before, []))) return false;
         this.status.fail(new Error(dead[0].error), "paused: a message cannot be delivered (on_failure = pause)", { id: String(blocked) });
         await new Promise<void>((resolve) => stop.addEventListener("abort", () => resolve(), { once: true }));
         return false;
       }
       pending = retry;
       if (pending.length > 0) {
-        this.status.fail(failures[0].error, "some messages failed; retrying them", { failed: pending.length });
+        const what = outage ? "delivery failed; the target looks down, retrying without spending attempts" : "some messages failed; retrying them";
+        this.status.fail(failures[0].error, what, { failed: pending.length });
         await sleep(this.status.retryDelay(this.#retry), stop);
         if (stop.aborted) return false;
       }
     }
-    await this.#acknowledge(batch, dead);
-    this.status.delivered += passing.length - dead.length;
-    this.status.filtered += batch.length - passing.length;
-    this.status.succeed();
+    if (!(await this.#acknowledge(batch, dead))) return false;
+    // Dead letters the filter could not decide on were never passing: they are not "filtered" either.
+    const filtered = batch.length - passing.length - undecided.length;
     const deadIds = new Set(dead.map((d) => d.message.id));
-    this.#options.events?.delivered?.(this.#row.name, deadIds.size ? passing.filter((m) => !deadIds.has(m.id)) : passing);
-    if (batch.length > passing.length) this.#options.events?.filtered?.(this.#row.name, batch.length - passing.length);
+    const delivered = deadIds.size ? passing.filter((m) => !deadIds.has(m.id)) : passing;
+    this.status.delivered += delivered.length;
+    this.status.filtered += filtered;
+    this.status.succeed();
+    this.#options.events?.delivered?.(this.#row.name, delivered);
+    if (filtered > 0) this.#options.events?.filtered?.(this.#row.name, filtered);
     return true;
   }
 
-  async #acknowledge(batch: OutboxMessage[], dead: { message: OutboxMessage; error: string; attempts: number }[]) {
+  /**
+   * Sink failures for a batch. With the forward.after-partial-publish failpoint set, the batch goes
+   * out in two halves with the failpoint between them (a crash after the sink took part of it).
+   */
+  async #publish(pending: OutboxMessage[]) {
+    if (!failpointEnabled("forward.after-partial-publish") || pending.length < 2) {
+      const failures = await this.#sink!.publish(pending);
+      await failpoint("forward.after-publish");
+      return failures;
+    }
+    const half = Math.ceil(pending.length / 2);
+    const first = await this.#sink!.publish(pending.slice(0, half));
+    await failpoint("forward.after-partial-publish");
+    const second = await this.#sink!.publish(pending.slice(half));
+    await failpoint("forward.after-publish");
+    return [...first, ...second];
+  }
+
+  /**
+   * Dead-letters `dead` and moves the position past `batch` in one transaction, unless the worker
+   * was fenced or aborted, or the commit is refused as stale. True when the position moved.
+   */
+  async #acknowledge(batch: OutboxMessage[], dead: DeadLetter[]): Promise<boolean> {
+    if (this.#fenced || this.#abort.signal.aborted) return false;
     const last = batch[batch.length - 1].id;
-    let rewound = false;
-    await this.#options.sql.begin(async (tx) => {
-      for (const entry of dead) {
-        await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${entry.error}, ${entry.attempts})`;
-      }
-      const [{ moved }] = await tx`
+    const fence = this.#fence!;
+    await failpoint("forward.before-commit");
+    const moved = await this.#options.sql.begin(async (tx) => {
+      const [{ moved }] = await tx<{ moved: boolean }[]>`
         SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
-                                    ${this.#options.relayGroupId}, ${this.#generation}) AS moved`;
-      rewound = !moved;
+                                    ${this.#options.relayGroupId}, ${fence.generation}, ${fence.intervalSeq},
+                                    ${fence.readCursor}, ${fence.ownerEpoch}) AS moved`;
+      if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
+      if (this.#fenced || this.#abort.signal.aborted) throw new Fenced();
+      for (const entry of dead) {
+        // A target that echoes the request (headers included) would put credentials in the error.
+        await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${redactText(entry.error)}, ${entry.attempts})`;
+      }
+      return true;
+    }).catch((error) => {
+      if (error instanceof Fenced) return false;
+      throw error;
     });
-    if (rewound) this.#log.info("the consumer group was moved while this batch was delivered; reading from its new position");
+    if (!moved) {
+      this.#log.warn("stale acknowledgement refused: the position moved since this batch was read " +
+        "(a rewind, or another relay delivered it); reading again from the current position", {
+        last_id: String(last),
+      });
+      this.#options.events?.staleAck?.(this.#row.name);
+      this.#options.staleAck?.();
+      return false;
+    }
+    await failpoint("forward.after-commit");
     if (dead.length > 0) {
       this.status.deadLettered += dead.length;
       this.#options.events?.deadLettered?.(this.#row.name, dead.length);
       this.#log.warn("messages moved to the dead-letter queue", { count: dead.length, first_error: dead[0].error });
     }
+    return true;
   }
 
   /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more. */
@@ -295,10 +382,33 @@ export class ForwardWorker {
     this.#log.info("requeued dead letters delivered", { delivered: done.length, failed: again.length });
   }
 
-  #matches(message: OutboxMessage): boolean {
-    return this.#filter!({ payload: message.payload, headers: message.headers, topic: message.topic, op: message.op });
+  /**
+   * The messages of `batch` that pass the filter, and those it could not decide on (a missing field,
+   * a non-bool result). Each undecided one is counted (metric, last_error) and skipped, or, with
+   * transform.on_error = "dead_letter", returned to be dead-lettered with the batch's acknowledgement
+   * (one transaction: read again after a crash, it is decided again, never recorded twice).
+   */
+  #matches(batch: OutboxMessage[]): { matching: OutboxMessage[]; undecided: DeadLetter[] } {
+    const filter = this.#filter!;
+    const matching: OutboxMessage[] = [];
+    const undecided: DeadLetter[] = [];
+    for (const message of batch) {
+      const { match, error } = filter.evaluate({ payload: message.payload, headers: message.headers, topic: message.topic, op: message.op });
+      if (match) matching.push(message);
+      if (!error) continue;
+      this.status.filterFailed(error);
+      if (filter.errorPolicy === "dead_letter") undecided.push({ message, error: error.message, attempts: 1 });
+    }
+    return { matching, undecided };
   }
 
+}
+
+/** A message on its way to the dead-letter queue, with why and after how many attempts. */
+interface DeadLetter {
+  message: OutboxMessage;
+  error: string;
+  attempts: number;
 }
 
 interface MessageRow {
@@ -324,6 +434,9 @@ export function toMessage(row: MessageRow): OutboxMessage {
     createdAt: row.created_at,
   };
 }
+
+/** Thrown inside the commit transaction to roll it back when the worker was fenced meanwhile. */
+class Fenced extends Error {}
 
 /** How long a sink gets to react to an abort (or to close) before the worker stops waiting for it. */
 const ABANDON_MS = 5_000;

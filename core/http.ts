@@ -1,9 +1,11 @@
-// The relay's HTTP surface (Hono): /metrics, /livez, /readyz and /health, /api/v1/pipelines, and a
-// small status page at /. Built as a plain Hono app so tests call app.request() without a port.
+// The relay's HTTP surface (Hono): /metrics, /livez, /readyz and /health, /api/v1/pipelines, a
+// small status page at /, and the ingest routes of webhook sources, behind the optional HTTP token
+// (core/http_auth.ts). Built as a plain Hono app so tests call app.request() without a port.
 
 import { Hono } from "hono";
 import type { Sql } from "./db.ts";
 import { toError } from "./errors.ts";
+import { type HttpAuth, requireToken } from "./http_auth.ts";
 import type { RelayMetrics } from "./metrics.ts";
 import { INGEST_PREFIX, type RouteTable } from "./routes.ts";
 import { redactText } from "./redact.ts";
@@ -21,6 +23,8 @@ export interface HttpDeps {
   owned(): { name: string; status: { healthy: boolean; attempt: number; lastError: string | null; circuit: string } }[];
   /** Plugin routes under /ingest/ (webhook sources owned by this relay). */
   routes?: RouteTable;
+  /** The token requests must present (--http-token); unset: every route is open. */
+  auth?: HttpAuth;
 }
 
 export interface ApiPipeline extends PipelineStatus {
@@ -34,12 +38,14 @@ export const READY_TIMEOUT_MS = 2_000;
 export function createHttpApp(deps: HttpDeps): Hono {
   const app = new Hono();
 
+  if (deps.auth) app.use("*", requireToken(deps.auth, deps.routes));
+
   app.get("/livez", (c) => c.text("ok\n"));
 
   app.all(`${INGEST_PREFIX}*`, async (c) => {
-    const handler = deps.routes?.find(new URL(c.req.url).pathname);
-    if (!handler) return c.text("no pipeline on this relay receives at this path\n", 404);
-    return await handler(c.req.raw);
+    const route = deps.routes?.find(new URL(c.req.url).pathname);
+    if (!route) return c.text("no pipeline on this relay receives at this path\n", 404);
+    return await route.handler(c.req.raw);
   });
 
   const ready = async (c: any) => {

@@ -8,7 +8,8 @@ import { dirname, extname, isAbsolute, resolve } from "node:path";
 import { parse as parseToml, TomlError } from "smol-toml";
 import { z } from "zod";
 import { ConfigError } from "./errors.ts";
-import { redactText } from "./redact.ts";
+import { httpTokenProblem } from "./http_auth.ts";
+import { isSecretKey, REDACTED, redactText, SECRET_KEY_PATTERN } from "./redact.ts";
 import { env as runtimeEnv } from "./runtime.ts";
 
 export interface ManifestPipeline {
@@ -38,13 +39,18 @@ export interface Manifest {
     max_pipelines?: number;
     poll_interval_ms?: number;
     drain_timeout?: number;
+    ownership_lease_ms?: number;
     log_format?: "text" | "json";
     log_level?: "debug" | "info" | "warn" | "error";
+    http_token?: string;
+    http_token_scope?: "api" | "all";
     /** "manifest" (default): [[pipelines]] are upserted into the catalog at start; "catalog_only": they are ignored. */
     pipelines_mode?: "manifest" | "catalog_only";
   };
   /** plugin name → absolute path of the drop-in module (resolved relative to the manifest's directory). */
   plugins: Record<string, string>;
+  /** Names of [plugins] written `{ path = "...", override = true }`: they may replace a built-in type. */
+  overrides: string[];
   pipelines: ManifestPipeline[];
 }
 
@@ -96,7 +102,10 @@ export function parseManifest(
 
   const data = parsed.data;
   const plugins: Record<string, string> = {};
-  for (const [name, file] of Object.entries(data.plugins ?? {})) {
+  const overrides: string[] = [];
+  for (const [name, entry] of Object.entries(data.plugins ?? {})) {
+    const file = typeof entry === "string" ? entry : entry.path;
+    if (typeof entry !== "string" && entry.override) overrides.push(name);
     if (!PLUGIN_EXTENSIONS.includes(extname(file).toLowerCase())) {
       problems.push(`plugins${keySuffix(name)}: a plugin path must end in .ts, .js, .mjs or .mts (got ${seen(file)})`);
     }
@@ -110,7 +119,7 @@ export function parseManifest(
     else problems.push(`pipelines[${i}].name: duplicate pipeline name "${p.name}" (also pipelines[${first}])`);
   });
   if (problems.length > 0) fail(path, problems);
-  return { path: absolutePath, relay: data.relay ?? {}, plugins, pipelines };
+  return { path: absolutePath, relay: data.relay ?? {}, plugins, overrides, pipelines };
 }
 
 // Names go into the catalog, where tide.check_name applies the same rule.
@@ -128,8 +137,14 @@ const relaySchema = z.strictObject({
   max_pipelines: positiveInt.optional(),
   poll_interval_ms: positiveInt.optional(),
   drain_timeout: positiveInt.optional(),
+  ownership_lease_ms: z.number().int().min(1000, { message: "must be at least 1000" }).optional(),
   log_format: z.enum(["text", "json"]).optional(),
   log_level: z.enum(["debug", "info", "warn", "error"]).optional(),
+  http_token: z.string().superRefine((token, ctx) => {
+    const problem = httpTokenProblem(token);
+    if (problem) ctx.addIssue({ code: "custom", message: problem });
+  }).optional(),
+  http_token_scope: z.enum(["api", "all"]).optional(),
   pipelines_mode: z.enum(["manifest", "catalog_only"]).optional(),
 });
 
@@ -147,9 +162,17 @@ const pipelineSchema = z.strictObject({
   config: z.record(z.string(), z.unknown()).optional(),
 });
 
+/** `name = { path = "...", override = true }`: a drop-in allowed to replace a built-in type. */
+const pluginTableSchema = z.strictObject({ path: z.string(), override: z.boolean().optional() });
+
 const manifestSchema = z.strictObject({
   relay: relaySchema.optional(),
-  plugins: z.record(z.string(), z.string()).optional(),
+  plugins: z.record(
+    z.string(),
+    z.union([z.string(), pluginTableSchema], {
+      error: 'must be a file path, or a table like { path = "./my_sink.ts", override = true }',
+    }),
+  ).optional(),
   pipelines: z.array(pipelineSchema).optional(),
 });
 
@@ -157,6 +180,7 @@ const KNOWN_KEYS = {
   top: Object.keys(manifestSchema.shape),
   relay: Object.keys(relaySchema.shape),
   pipeline: Object.keys(pipelineSchema.shape),
+  plugin: Object.keys(pluginTableSchema.shape),
 };
 
 type RawPipeline = z.infer<typeof pipelineSchema>;
@@ -195,12 +219,42 @@ function parseText(text: string, format: ManifestFormat, path: string): unknown 
     if (error instanceof TomlError) {
       const reason = error.message.replace(/^Invalid TOML document: /, "").split("\n")[0];
       const where = `line ${error.line}, column ${error.column}`;
-      // The quoted lines may hold a connection URL: mask its password like every other message.
-      throw new ConfigError(`${path}: ${where}: invalid TOML: ${reason}\n${redactText(error.codeblock)}`);
+      throw new ConfigError(`${path}: ${where}: invalid TOML: ${reason}\n${maskTomlExcerpt(error.codeblock)}`);
     }
     throw new ConfigError(`${path}: invalid ${format.toUpperCase()}: ${(error as Error).message}`, { cause: error });
   }
 }
+
+/**
+ * The lines smol-toml quotes around a syntax error (`3:  password = "abc`, then a caret line) are
+ * the very lines whose strings the error may have cut short. Values under secret-looking keys are
+ * masked (inline tables too), the other values go through redactText, and a line that is not
+ * `key = value`, a table header or a comment (the inside of a multi-line string or array) is masked
+ * whole.
+ */
+function maskTomlExcerpt(codeblock: string): string {
+  return codeblock.split("\n").map((line) => {
+    const numbered = /^(\d+:\s+)(.*)$/.exec(line);
+    if (!numbered) return line; // the caret under the column
+    const [, number, text] = numbered as unknown as [string, string, string];
+    const trimmed = text.trim();
+    if (trimmed === "" || TOML_TABLE_HEADER.test(trimmed)) return line;
+    if (trimmed.startsWith("#") || TOML_ASSIGNMENT.test(trimmed)) {
+      return `${number}${redactText(text.replace(TOML_SECRET_VALUE, `$1${REDACTED}`))}`;
+    }
+    return `${number}${REDACTED}`;
+  }).join("\n");
+}
+
+const TOML_TABLE_HEADER = /^\[\[?[^=\]]*\]\]?\s*(#.*)?$/;
+const TOML_ASSIGNMENT = /^(?:[\w-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[\w-]+|"[^"]*"|'[^']*'))*\s*=/;
+// `password = "..."`, `sasl = { password = '...' }`: the value, up to its end or to the end of the
+// line when the error cut it short. A triple-quoted string runs to the end of the line.
+const TOML_SECRET_VALUE = new RegExp(
+  `((?:^|[\\s{,])["']?[\\w.-]*(?:${SECRET_KEY_PATTERN.source})[\\w.-]*["']?\\s*=\\s*)` +
+    `("""[\\s\\S]*|'''[\\s\\S]*|"(?:[^"\\\\]|\\\\.)*"?|'[^']*'?|[^,}\\s]+)`,
+  "gi",
+);
 
 // `$${` is a literal `${`; `${...}` must be a reference; a lone `${` is a mistake worth reporting.
 const REFERENCE = /\$\$\{|\$\{([^}]*)\}|\$\{/g;
@@ -265,7 +319,9 @@ function describeIssue(issue: z.core.$ZodIssue, format: ManifestFormat, referenc
     });
   }
   const input = references.get(at) ?? issue.input;
-  const got = input === undefined ? "" : ` (got ${seen(input, format)})`;
+  // A value under a secret-looking key (http_token, password) is never quoted back; a reference is.
+  const secret = !references.has(at) && issue.path.some((key) => typeof key === "string" && isSecretKey(key));
+  const got = input === undefined || secret ? "" : ` (got ${seen(input, format)})`;
   switch (issue.code) {
     case "invalid_type":
       if (input === undefined) return [`${at}: required, expected ${expected(issue.expected, format)}`];
@@ -285,6 +341,7 @@ function knownKeysAt(path: PropertyKey[]): string[] {
   if (path.length === 0) return KNOWN_KEYS.top;
   if (path.length === 1 && path[0] === "relay") return KNOWN_KEYS.relay;
   if (path.length === 2 && path[0] === "pipelines") return KNOWN_KEYS.pipeline;
+  if (path.length === 2 && path[0] === "plugins") return KNOWN_KEYS.plugin;
   return [];
 }
 

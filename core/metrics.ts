@@ -34,6 +34,8 @@ export class RelayMetrics {
   readonly #dlq: client.Counter<"pipeline">;
   readonly #dedup: client.Counter<"pipeline">;
   readonly #filtered: client.Counter<"pipeline">;
+  readonly #filterErrors: client.Counter<"pipeline">;
+  readonly #staleAcks: client.Counter<"pipeline">;
   readonly #history = new Map<string, HistoryPoint[]>();
   readonly #window = new Map<string, number>();
   #source: LagSource | undefined;
@@ -85,6 +87,18 @@ export class RelayMetrics {
       labelNames: ["pipeline"],
       registers,
     });
+    this.#staleAcks = new client.Counter({
+      name: `${prefix}stale_acks_total`,
+      help: "Acknowledgements refused because the position moved since the batch was read (fencing)",
+      labelNames: ["pipeline"],
+      registers,
+    });
+    this.#filterErrors = new client.Counter({
+      name: `${prefix}filter_errors_total`,
+      help: "Messages a pipeline's transform.filter could not decide on (skipped, or dead-lettered with on_error = dead_letter)",
+      labelNames: ["pipeline"],
+      registers,
+    });
     const metrics = this;
     new client.Gauge({
       name: `${prefix}pipeline_healthy`,
@@ -132,6 +146,8 @@ export class RelayMetrics {
       failed: (pipeline, direction) => this.#errors.inc({ pipeline, direction }),
       deadLettered: (pipeline, count) => this.#dlq.inc({ pipeline }, count),
       filtered: (pipeline, count) => this.#filtered.inc({ pipeline }, count),
+      filterFailed: (pipeline) => this.#filterErrors.inc({ pipeline }),
+      staleAck: (pipeline) => this.#staleAcks.inc({ pipeline }),
     };
   }
 

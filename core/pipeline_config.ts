@@ -14,12 +14,15 @@ export interface PreparedPipeline {
   definition: PluginDefinition;
   /** The plugin's config, validated by its schema (defaults applied). */
   pluginConfig: unknown;
+  /** transform.filter, with transform.on_error as its errorPolicy. */
   filter?: FilterFn;
   /** Reverse pipelines: renders the inbox event_id. */
   eventId?: (message: OutboxMessage) => string;
   /** Forward pipelines: reshapes each message's body (wire_format). */
   format?: Formatter;
 }
+
+const TRANSFORM_KEYS = ["filter", "on_error"];
 
 /** Keys of a reverse pipeline's config that the engine handles; the source never sees them. */
 export const REVERSE_ENGINE_KEYS = ["source_type", "batch_size", "transform", "event_id", "retry"];
@@ -50,11 +53,23 @@ export async function preparePipeline(
       throw new ConfigError(`${where}: 'transform' must be an object like {"filter": "..."}`);
     }
     for (const key of Object.keys(transform)) {
-      if (key !== "filter") throw new ConfigError(`${where}: 'transform.${key}': unknown key (known: filter)`);
+      if (!TRANSFORM_KEYS.includes(key)) {
+        throw new ConfigError(`${where}: 'transform.${key}': unknown key (known: ${TRANSFORM_KEYS.join(", ")})`);
+      }
+    }
+    const onError = transform.on_error ?? "skip";
+    if (onError !== "skip" && onError !== "dead_letter") {
+      throw new ConfigError(`${where}: 'transform.on_error' must be "skip" or "dead_letter" (got ${JSON.stringify(onError)})`);
+    }
+    if (onError === "dead_letter" && kind !== "sink") {
+      throw new ConfigError(`${where}: 'transform.on_error' "dead_letter" applies to forward pipelines only (reverse pipelines skip)`);
+    }
+    if (transform.on_error !== undefined && transform.filter === undefined) {
+      throw new ConfigError(`${where}: 'transform.on_error' needs a 'transform.filter' to apply to`);
     }
     if (transform.filter !== undefined) {
       if (typeof transform.filter !== "string") throw new ConfigError(`${where}: 'transform.filter' must be a CEL expression string`);
-      prepared.filter = compileFilter(transform.filter, `${where}: transform.filter`, filterOptions);
+      prepared.filter = compileFilter(transform.filter, `${where}: transform.filter`, { ...filterOptions, errorPolicy: onError });
     }
   }
   if (row.config.event_id !== undefined) {
@@ -71,6 +86,16 @@ export async function preparePipeline(
         throw new ConfigError(`${where}: 'retry.${key}' must be a whole number of 0 or more (got ${JSON.stringify(value)})`);
       }
     }
+  }
+  if (kind === "source" && retry?.max_attempts !== undefined) {
+    throw new ConfigError(
+      `${where}: 'retry.max_attempts' applies to forward pipelines only: a reverse pipeline retries a batch ` +
+        "until the inbox accepts it (the source keeps it meanwhile); remove the key",
+    );
+  }
+  const poll = row.config.poll_interval_ms;
+  if (poll !== undefined && (!Number.isInteger(poll) || poll < 1)) {
+    throw new ConfigError(`${where}: 'poll_interval_ms' must be a whole number of milliseconds, at least 1 (got ${JSON.stringify(poll)})`);
   }
   if (row.config.wire_format !== undefined) {
     if (kind !== "sink") throw new ConfigError(`${where}: 'wire_format' applies to forward pipelines only`);

@@ -53,6 +53,13 @@ export interface DeliveryFailure {
    * It is retried, and the attempt does not count against the message's retry budget.
    */
   heldBack?: boolean;
+  /**
+   * true: the target answered and refused this very message (e.g. an HTTP 4xx retried under
+   * retry_client_errors). Such a failure spends the message's attempts even when nothing else in the
+   * batch went through; without it, a batch whose every tried message failed retriably is taken for
+   * an outage and retried without spending anyone's attempts.
+   */
+  refused?: boolean;
 }
 
 export interface SinkInstance {
@@ -85,7 +92,17 @@ export interface SourceInstance {
 
 /** Registers a handler for requests to `/ingest/<path>`; returns a function that removes it. */
 export interface HttpRoutes {
-  route(path: string, handler: (request: Request) => Promise<Response>): () => void;
+  route(path: string, handler: (request: Request) => Promise<Response>, options?: RouteOptions): () => void;
+}
+
+export interface RouteOptions {
+  /**
+   * true: the handler authenticates every request itself (it verifies a signature), so the relay
+   * does not ask for its --http-token here: a third party that signs its webhooks cannot add our
+   * token. false (the default): with --http-token set, a request without the token gets 401 before
+   * the handler sees it.
+   */
+  authenticates?: boolean;
 }
 
 export interface PluginLogger {
@@ -121,7 +138,16 @@ export interface PluginContext {
    */
   http?: HttpRoutes;
   /** Renders `{outbox}`, `{topic}`, `{op}`, `{event_type}`, `{id}`, `{payload.a.b}`, `{headers.x}`. */
-  render(template: string, message: OutboxMessage): string;
+  render(template: string, message: OutboxMessage, options?: RenderOptions): string;
+}
+
+export interface RenderOptions {
+  /**
+   * Called with each substituted value (never the template's own text) and its placeholder's name
+   * as written, e.g. `payload.region`; returns the text to insert (escaped, for example) or throws
+   * to refuse the message.
+   */
+  value?(value: string, placeholder: string): string;
 }
 
 interface DefinitionBase<Config> {

@@ -1,6 +1,8 @@
 // The plugin loader: built-in and drop-in plugins go through the same path. A drop-in is a .ts or .js
 // file whose default export is a PluginDefinition; it is loaded from disk at run time, also by the
-// compiled binary.
+// compiled binary. A drop-in may replace a built-in type only when the manifest says so
+// (`override = true`): a file that happens to declare "webhook" must not silently take over every
+// webhook pipeline.
 
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -10,36 +12,70 @@ import type { Logger } from "./log.ts";
 import type { HttpRoutes, PluginContext, PluginDefinition, PluginKind } from "./plugin.ts";
 import { renderTemplate } from "./template.ts";
 
+/** Where a definition comes from: built into pg-tide, or a drop-in named in a manifest's [plugins]. */
+export type PluginOrigin = "built-in" | DropIn;
+
+export interface DropIn {
+  /** The plugin's name in [plugins]. */
+  name: string;
+  file: string;
+  /** The manifest allows it to replace a built-in type of the same kind and name. */
+  override?: boolean;
+}
+
 export class PluginRegistry {
-  readonly #plugins = new Map<string, PluginDefinition>();
+  readonly #plugins = new Map<string, { definition: PluginDefinition; origin: PluginOrigin; replaced: boolean }>();
 
   constructor(definitions: PluginDefinition[] = builtinPlugins) {
     for (const definition of definitions) this.add(definition, "built-in");
   }
 
-  add(definition: PluginDefinition, origin: string): void {
-    checkDefinition(definition, origin);
-    this.#plugins.set(key(definition.kind, definition.type), definition);
+  add(definition: PluginDefinition, origin: PluginOrigin): void {
+    const from = describe(origin);
+    checkDefinition(definition, from);
+    const k = key(definition.kind, definition.type);
+    const existing = this.#plugins.get(k)?.origin;
+    if (existing !== undefined && origin !== "built-in") {
+      const what = `${from} declares the ${definition.kind} type "${definition.type}"`;
+      if (existing !== "built-in") {
+        throw new ConfigError(`${what}, which ${describe(existing)} declares too: give one of them another type`);
+      }
+      if (!origin.override) {
+        throw new ConfigError(
+          `${what}, which is built in. To replace the built-in ${definition.kind} in every pipeline of that type, ` +
+            `write its [plugins] entry as ${origin.name} = { path = ${JSON.stringify(origin.file)}, override = true } ` +
+            `(in a JSON manifest: {"path": ..., "override": true}); otherwise give the plugin another type`,
+        );
+      }
+    }
+    this.#plugins.set(k, { definition, origin, replaced: existing === "built-in" });
+  }
+
+  /** Built-in types that a drop-in replaced (override = true), to say so at start and in check. */
+  replaced(): { kind: PluginKind; type: string; plugin: string }[] {
+    return [...this.#plugins.values()]
+      .filter((entry) => entry.replaced)
+      .map(({ definition, origin }) => ({ kind: definition.kind, type: definition.type, plugin: (origin as DropIn).name }));
   }
 
   get(kind: PluginKind, type: string): PluginDefinition {
-    const definition = this.#plugins.get(key(kind, type));
-    if (!definition) {
+    const entry = this.#plugins.get(key(kind, type));
+    if (!entry) {
       throw new ConfigError(`unknown ${kind} type "${type}" (known: ${this.types(kind).join(", ")})`);
     }
-    return definition;
+    return entry.definition;
   }
 
   types(kind: PluginKind): string[] {
-    return [...this.#plugins.values()].filter((d) => d.kind === kind).map((d) => d.type).sort();
+    return this.all().filter((d) => d.kind === kind).map((d) => d.type).sort();
   }
 
   all(): PluginDefinition[] {
-    return [...this.#plugins.values()];
+    return [...this.#plugins.values()].map((entry) => entry.definition);
   }
 
   /** Loads a drop-in plugin module (path relative to `baseDir`) and registers its definition. */
-  async load(name: string, path: string, baseDir: string): Promise<PluginDefinition> {
+  async load(name: string, path: string, baseDir: string, options: { override?: boolean } = {}): Promise<PluginDefinition> {
     const file = isAbsolute(path) ? path : resolve(baseDir, path);
     let module: { default?: unknown };
     try {
@@ -48,7 +84,7 @@ export class PluginRegistry {
       throw new PluginError(`plugin "${name}": cannot load ${file}: ${(error as Error).message}`, { cause: error });
     }
     const definition = module.default as PluginDefinition;
-    this.add(definition, `plugin "${name}" (${file})`);
+    this.add(definition, { name, file, override: options.override });
     return definition;
   }
 }
@@ -76,6 +112,10 @@ export function pluginContext(
   http?: HttpRoutes,
 ): PluginContext {
   return { pipeline, logger, errors: pluginErrors, signal, batchSize, postgresUrl, http, render: renderTemplate };
+}
+
+function describe(origin: PluginOrigin): string {
+  return origin === "built-in" ? "built-in" : `plugin "${origin.name}" (${origin.file})`;
 }
 
 function key(kind: string, type: string): string {

@@ -2,12 +2,14 @@
 // coordinator, the metrics/status HTTP server and a retention sweep, and shuts down cleanly.
 
 import { hostname } from "node:os";
-import { Coordinator } from "./coordinator.ts";
+import { Coordinator, DEFAULT_OWNERSHIP_LEASE_MS } from "./coordinator.ts";
+import { loadFailpoints } from "./failpoints.ts";
 import { connect, type Sql, verifyConnection } from "./db.ts";
 import { ConfigError, toError } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import { combineEvents, type RelayEvents } from "./events.ts";
 import { createHttpApp } from "./http.ts";
+import type { HttpAuth } from "./http_auth.ts";
 import type { ManifestPipeline } from "./manifest.ts";
 import { syncManifestPipelines } from "./manifest_sync.ts";
 import { RelayMetrics } from "./metrics.ts";
@@ -25,12 +27,16 @@ export interface RelayOptions {
   pollIntervalMs?: number;
   reconcileIntervalMs?: number;
   drainTimeoutMs?: number;
+  /** An owner whose heartbeat is older than this loses its pipelines to another relay. */
+  ownershipLeaseMs?: number;
   retentionIntervalMs?: number;
   events?: RelayEvents;
   /** Pipelines declared in a manifest, upserted into the catalog at start. */
   pipelines?: ManifestPipeline[];
   /** host:port for /metrics, /readyz, /api/v1/pipelines and the status page; unset: no server. */
   metricsAddr?: string;
+  /** The token the HTTP server asks for (--http-token, --http-token-scope); unset: it asks for none. */
+  httpAuth?: HttpAuth;
 }
 
 export const DEFAULT_POLL_INTERVAL_MS = 250;
@@ -52,7 +58,13 @@ export class Relay {
   constructor(options: RelayOptions) {
     this.#options = options;
     this.registry = options.registry ?? new PluginRegistry();
-    this.sql = connect(options.postgresUrl, { max: 10, applicationName: `pg-tide relay ${options.relayGroupId}` });
+    const ownershipLeaseMs = options.ownershipLeaseMs ?? DEFAULT_OWNERSHIP_LEASE_MS;
+    this.sql = connect(options.postgresUrl, {
+      max: 10,
+      applicationName: `pg-tide relay ${options.relayGroupId}`,
+      // A frozen relay's open transaction ends with its lease, so it cannot block the next owner.
+      idleInTransactionTimeoutMs: ownershipLeaseMs,
+    });
     this.coordinator = new Coordinator({
       sql: this.sql,
       postgresUrl: options.postgresUrl,
@@ -65,6 +77,7 @@ export class Relay {
       pollIntervalMs: options.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS,
       reconcileIntervalMs: options.reconcileIntervalMs ?? DEFAULT_RECONCILE_INTERVAL_MS,
       drainTimeoutMs: options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS,
+      ownershipLeaseMs,
       events: combineEvents(this.metrics.events, options.events),
     });
   }
@@ -72,6 +85,7 @@ export class Relay {
   /** Start-up errors (no database, no schema, schema too new) end the process; later ones do not. */
   async start(): Promise<void> {
     const { logger } = this.#options;
+    loadFailpoints(); // a bad TIDE_FAILPOINTS stops the relay here, not at the first batch
     if (this.#options.metricsAddr) this.#serve(this.#options.metricsAddr);
     await verifyConnection(this.sql, this.#options.postgresUrl);
     const version = await schemaVersion(this.sql);
@@ -112,6 +126,9 @@ export class Relay {
 
   /** Drop-in plugin types must be in the catalog before pipelines can name them. */
   async #registerPluginTypes(): Promise<void> {
+    for (const { kind, type, plugin } of this.registry.replaced()) {
+      this.#options.logger.warn(`plugin "${plugin}" replaces the built-in ${kind} "${type}" (override = true in the manifest)`);
+    }
     for (const definition of this.registry.all()) {
       await this.sql`SELECT tide.register_plugin_type(${definition.type}, ${definition.kind})`;
     }
@@ -128,13 +145,26 @@ export class Relay {
       coordinatorRunning: () => this.coordinator.running,
       owned: () => this.coordinator.owned(),
       routes: this.routes,
+      auth: this.#options.httpAuth,
     });
     try {
       this.#server = serve(app.fetch, match[1].replace(/^\[|\]$/g, "") || "0.0.0.0", Number(match[2]));
     } catch (error) {
       throw new ConfigError(`cannot serve metrics on ${address}: ${toError(error).message}`, { cause: error });
     }
-    this.#options.logger.info("serving metrics and status", { address: `${match[1] || "0.0.0.0"}:${this.#server.port}` });
+    const host = match[1] || "0.0.0.0";
+    this.#options.logger.info("serving metrics and status", {
+      address: `${host}:${this.#server.port}`,
+      // Not "http_token": the logger masks fields named like a secret.
+      access: this.#options.httpAuth ? `token required (scope ${this.#options.httpAuth.scope})` : "open, no token",
+    });
+    if (!this.#options.httpAuth && !/^(127\.|localhost$|\[?::1\]?$)/.test(host)) {
+      this.#options.logger.warn(
+        "the HTTP server asks for no token: anyone who reaches this address can read the pipelines' status and post " +
+          "to unsigned /ingest/ routes; set --http-token (or PG_TIDE_HTTP_TOKEN), or bind to 127.0.0.1",
+        { address: `${host}:${this.#server.port}` },
+      );
+    }
   }
 
   async #ownedLag(): Promise<Map<string, number>> {

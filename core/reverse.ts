@@ -1,10 +1,15 @@
 // One reverse pipeline: read batches from a source, filter them, write them into the inbox table in
 // one transaction, and acknowledge to the source only after that commit. A crash before the commit
 // means the source delivers again; the inbox's unique event_id turns the repeat into a no-op.
+// The acknowledgement to the source is given only by the current owner: a worker that was fenced, or
+// whose relay no longer holds the pipeline's lock, leaves the message unacknowledged for the source
+// to deliver again to the new owner (where the inbox deduplicates it).
 
-import { sleep } from "./backoff.ts";
+import { sleep, TIMED_OUT, within, type BackoffPolicy } from "./backoff.ts";
+import { failpoint } from "./failpoints.ts";
 import type { Sql } from "./db.ts";
 import { ConfigError, toError } from "./errors.ts";
+import { boundEventId } from "./event_id.ts";
 import type { FilterFn } from "./filter.ts";
 import type { PipelineRow } from "./forward.ts";
 import { WorkerStatus } from "./worker_status.ts";
@@ -21,6 +26,8 @@ export interface ReverseOptions {
   registry: PluginRegistry;
   logger: Logger;
   events?: RelayEvents;
+  /** Whether this relay still owns the pipeline (asked before every acknowledgement to the source). */
+  stillOwner?: () => Promise<boolean>;
 }
 
 
@@ -29,7 +36,14 @@ export class ReverseWorker {
   readonly #row: PipelineRow;
   readonly #options: ReverseOptions;
   readonly #log: Logger;
+  /** Stops the loop between batches: the batch in flight is written and acknowledged (drain). */
   readonly #stopping = new AbortController();
+  /** Aborts the source itself: when draining took too long, or at once when fenced. */
+  readonly #abort = new AbortController();
+  #fenced = false;
+  /** True while waiting in source.read(): no batch is in flight then. */
+  #reading = false;
+  #retry: BackoffPolicy;
   #source: SourceInstance | undefined;
   #filter: FilterFn | undefined;
   #eventIdTemplate: ((message: OutboxMessage) => string) | undefined;
@@ -41,6 +55,8 @@ export class ReverseWorker {
     this.#options = options;
     this.#log = options.logger.child({ pipeline: row.name });
     this.status = new WorkerStatus(row.name, "reverse", this.#log, options.events);
+    const retry = row.config.retry ?? {};
+    this.#retry = { initialMs: retry.initial_backoff_ms ?? 200, maxMs: retry.max_backoff_ms ?? 30_000 };
   }
 
   get name(): string {
@@ -60,7 +76,7 @@ export class ReverseWorker {
     if (prepared.definition.kind !== "source") throw new ConfigError(`pipeline "${this.#row.name}": not a source`);
     this.#filter = prepared.filter;
     this.#eventIdTemplate = prepared.eventId;
-    const ctx = pluginContext(this.#row.name, this.#log, this.#stopping.signal, this.#row.batch_size, this.#options.postgresUrl, this.#options.http);
+    const ctx = pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl, this.#options.http);
     this.#source = prepared.definition.create(prepared.pluginConfig, ctx);
     this.#loop = this.#run();
   }
@@ -69,10 +85,32 @@ export class ReverseWorker {
 
   requeue(): void {}
 
-  async stop(_drainMs = 10_000): Promise<void> {
+  /** Ownership is in doubt: abort the source at once; nothing is acknowledged after this. */
+  fence(): void {
+    this.#fenced = true;
     this.#stopping.abort();
-    await this.#loop;
-    await this.#source?.close().catch((error) => this.#log.warn("closing the source failed", { error }));
+    this.#abort.abort();
+  }
+
+  /**
+   * Lets the batch in flight finish (up to drainMs), then closes the source. A source that ignores
+   * the abort is left behind ABANDON_MS later; its batch is not acknowledged and comes again.
+   */
+  async stop(drainMs = 10_000): Promise<void> {
+    this.#stopping.abort();
+    // Waiting for a batch holds nothing in flight: the source may stop at once.
+    if (this.#reading) this.#abort.abort();
+    const timer = setTimeout(() => this.#abort.abort(), drainMs);
+    try {
+      if ((await within(this.#loop ?? Promise.resolve(), drainMs + ABANDON_MS)) === TIMED_OUT) {
+        this.#log.warn("the source did not stop when aborted; its batch is left unacknowledged", { abandoned_after_ms: drainMs + ABANDON_MS });
+      }
+    } finally {
+      clearTimeout(timer);
+      this.#abort.abort();
+      const closing = this.#source?.close().catch((error) => this.#log.warn("closing the source failed", { error }));
+      if (closing && (await within(closing, ABANDON_MS)) === TIMED_OUT) this.#log.warn("closing the source did not finish; left behind");
+    }
   }
 
   async #run(): Promise<void> {
@@ -84,34 +122,45 @@ export class ReverseWorker {
         break;
       } catch (error) {
         this.status.fail(error, "connecting the source failed");
-        await sleep(this.status.retryDelay(), stop);
+        await sleep(this.status.retryDelay(this.#retry), stop);
       }
     }
     while (!stop.aborted) {
       let batch;
       try {
+        this.#reading = true;
         batch = await this.#source!.read();
       } catch (error) {
+        if (this.#abort.signal.aborted) break;
         this.status.fail(error, "reading from the source failed");
-        await sleep(this.status.retryDelay(), stop);
+        await sleep(this.status.retryDelay(this.#retry), stop);
         continue;
+      } finally {
+        this.#reading = false;
       }
       if (batch === null) break;
-      if (batch.messages.length === 0) {
-        await batch.ack();
-        continue;
+      if (batch.messages.length > 0) {
+        try {
+          await this.#write(batch.messages);
+        } catch (error) {
+          this.status.fail(error, "writing to the inbox failed; the source will deliver again", { batch: batch.messages.length });
+          await batch.nack?.(toError(error)).catch((nackError) =>
+            this.#log.warn("returning the batch to the source failed; it comes again when the source redelivers", {
+              error: toError(nackError),
+            }));
+          await sleep(this.status.retryDelay(this.#retry), stop);
+          continue;
+        }
+        await failpoint("reverse.after-inbox-commit");
+      }
+      if (!(await this.#mayAcknowledge(batch.messages.length > 0))) {
+        this.#log.warn("not acknowledging to the source: this relay no longer owns the pipeline; " +
+          "the source delivers the batch again to the new owner", { batch: batch.messages.length });
+        break;
       }
       try {
-        await this.#write(batch.messages);
-      } catch (error) {
-        this.status.fail(error, "writing to the inbox failed; the source will deliver again", { batch: batch.messages.length });
-        await batch.nack?.(toError(error)).catch(() => {});
-        await sleep(this.status.retryDelay(), stop);
-        continue;
-      }
-      try {
         await batch.ack();
-        this.status.succeed();
+        if (batch.messages.length > 0) this.status.succeed();
       } catch (error) {
         // Committed already: a redelivery is deduplicated by event_id.
         this.status.fail(error, "acknowledging to the source failed after the inbox commit");
@@ -119,14 +168,28 @@ export class ReverseWorker {
     }
   }
 
+  /** Only the current owner acknowledges: not after a fence or an abort, not after losing the lock. */
+  async #mayAcknowledge(wroteMessages: boolean): Promise<boolean> {
+    if (this.#fenced || this.#abort.signal.aborted) return false;
+    if (!wroteMessages || !this.#options.stillOwner) return true;
+    const owner = await this.#options.stillOwner().catch(() => false);
+    return owner && !this.#fenced && !this.#abort.signal.aborted;
+  }
+
   async #write(messages: InboundMessage[]): Promise<void> {
     const inbox = this.#row.inbox_name!;
     const rows = [];
     for (const message of messages) {
-      if (this.#filter && !this.#filter({ payload: message.payload, headers: message.headers, topic: null, op: "publish" })) {
-        this.status.filtered += 1;
-        this.#options.events?.filtered?.(this.#row.name, 1);
-        continue;
+      if (this.#filter) {
+        // A message the filter cannot decide on is counted and shown (metric, last_error), then
+        // skipped: a reverse pipeline has no dead-letter queue of its own.
+        const { match, error } = this.#filter.evaluate({ payload: message.payload, headers: message.headers, topic: null, op: "publish" });
+        if (error) this.status.filterFailed(error);
+        if (!match) {
+          this.status.filtered += 1;
+          this.#options.events?.filtered?.(this.#row.name, 1);
+          continue;
+        }
       }
       rows.push({
         event_id: withoutNul(this.#eventIdOf(message, inbox)),
@@ -151,12 +214,15 @@ export class ReverseWorker {
         id: 0n, outbox: inbox, topic: null, payload: message.payload, headers: message.headers,
         dedupKey: "", eventType: "", op: "publish", createdAt: new Date(),
       });
-      if (rendered !== "") return rendered;
+      if (rendered !== "") return boundEventId(rendered);
     }
-    return message.eventId ?? `${inbox}:${message.transportId}`;
+    return boundEventId(message.eventId ?? `${inbox}:${message.transportId}`);
   }
 
 }
+
+/** How long a source gets to react to an abort (or to close) before the worker stops waiting for it. */
+const ABANDON_MS = 5_000;
 
 /**
  * PostgreSQL text and jsonb cannot hold U+0000. One such message would fail its whole batch again

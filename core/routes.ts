@@ -1,25 +1,32 @@
 // Routes that plugins add to the relay's HTTP server while their pipeline runs here (the webhook
 // source's ingest endpoints), under /ingest/<path>.
 
-import type { HttpRoutes } from "./plugin.ts";
+import type { HttpRoutes, RouteOptions } from "./plugin.ts";
 
 export const INGEST_PREFIX = "/ingest/";
 
-export class RouteTable implements HttpRoutes {
-  readonly #handlers = new Map<string, (request: Request) => Promise<Response>>();
+export interface IngestRoute {
+  handler: (request: Request) => Promise<Response>;
+  /** The handler checks each request's own credentials (a signature); see RouteOptions. */
+  authenticates: boolean;
+}
 
-  route(path: string, handler: (request: Request) => Promise<Response>): () => void {
+export class RouteTable implements HttpRoutes {
+  readonly #routes = new Map<string, IngestRoute>();
+
+  route(path: string, handler: (request: Request) => Promise<Response>, options: RouteOptions = {}): () => void {
     const key = normalize(path);
-    if (this.#handlers.has(key)) throw new Error(`the route ${INGEST_PREFIX}${key} is already taken by another pipeline`);
-    this.#handlers.set(key, handler);
+    if (this.#routes.has(key)) throw new Error(`the route ${INGEST_PREFIX}${key} is already taken by another pipeline`);
+    const entry = { handler, authenticates: options.authenticates === true };
+    this.#routes.set(key, entry);
     return () => {
-      if (this.#handlers.get(key) === handler) this.#handlers.delete(key);
+      if (this.#routes.get(key) === entry) this.#routes.delete(key);
     };
   }
 
-  /** The handler for a request path under /ingest/, if a pipeline on this relay serves it. */
-  find(pathname: string): ((request: Request) => Promise<Response>) | undefined {
-    return this.#handlers.get(normalize(pathname.slice(INGEST_PREFIX.length)));
+  /** The route for a request path under /ingest/, if a pipeline on this relay serves it. */
+  find(pathname: string): IngestRoute | undefined {
+    return this.#routes.get(normalize(pathname.slice(INGEST_PREFIX.length)));
   }
 }
 

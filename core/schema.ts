@@ -10,6 +10,7 @@ import m004 from "../sql/004_pipelines.sql" with { type: "text" };
 import m005 from "../sql/005_operations.sql" with { type: "text" };
 import m006 from "../sql/006_security.sql" with { type: "text" };
 import m007 from "../sql/007_capture.sql" with { type: "text" };
+import m008 from "../sql/008_ownership.sql" with { type: "text" };
 import { ConfigError } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
@@ -28,6 +29,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 5, name: "operations", sql: m005 },
   { version: 6, name: "security", sql: m006 },
   { version: 7, name: "capture", sql: m007 },
+  { version: 8, name: "ownership", sql: m008 },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1].version;

@@ -2,9 +2,15 @@
 // a message's event type and op from its headers and payload.
 
 import { ConfigError } from "./errors.ts";
-import type { OutboxMessage } from "./plugin.ts";
+import type { OutboxMessage, RenderOptions } from "./plugin.ts";
 
-export type RenderFn = (message: OutboxMessage) => string;
+/**
+ * Renders a compiled template. `options.value` sees every substituted value (never the template's
+ * own text) with its placeholder's name, and returns what to insert: sinks use it to escape values
+ * or to refuse one that would change where a message goes (a `.` in a NATS subject token, a `/` in
+ * a URL path segment).
+ */
+export type RenderFn = (message: OutboxMessage, options?: RenderOptions) => string;
 
 /**
  * Compiles a template once; rendering is then a join of precomputed parts.
@@ -21,22 +27,25 @@ export function compileTemplate(template: string): RenderFn {
     const constant = parts.join("");
     return () => constant;
   }
-  return (message) => {
+  return (message, options) => {
     let out = "";
-    for (const part of parts) out += typeof part === "string" ? part : part(message);
+    for (const part of parts) {
+      if (typeof part === "string") out += part;
+      else out += options?.value ? options.value(part.get(message), part.name) : part.get(message);
+    }
     return out;
   };
 }
 
 /** Renders with a compiled template from a small cache (templates come from a handful of configs). */
-export function renderTemplate(template: string, message: OutboxMessage): string {
+export function renderTemplate(template: string, message: OutboxMessage, options?: RenderOptions): string {
   let render = cache.get(template);
   if (!render) {
     render = compileTemplate(template);
     if (cache.size >= TEMPLATE_CACHE_SIZE) cache.delete(cache.keys().next().value as string);
     cache.set(template, render);
   }
-  return render(message);
+  return render(message, options);
 }
 
 /** `headers.event_type`, else `payload.event_type`, else "event". Only non-empty strings count. */
@@ -52,7 +61,15 @@ export function opOf(headers: Record<string, unknown>, payload: unknown): string
 const TEMPLATE_CACHE_SIZE = 256;
 const cache = new Map<string, RenderFn>();
 
-const FIELDS: Record<string, RenderFn> = {
+type Getter = (message: OutboxMessage) => string;
+
+/** A placeholder: its name as written (`payload.region`) and how to read its value. */
+interface Placeholder {
+  name: string;
+  get: Getter;
+}
+
+const FIELDS: Record<string, Getter> = {
   outbox: (m) => m.outbox,
   topic: (m) => m.topic ?? "",
   op: (m) => m.op,
@@ -62,8 +79,8 @@ const FIELDS: Record<string, RenderFn> = {
 
 const KNOWN = "{outbox}, {topic}, {op}, {event_type}, {id}, {payload.<path>}, {headers.<path>}";
 
-function parseTemplate(template: string): (string | RenderFn)[] {
-  const parts: (string | RenderFn)[] = [];
+function parseTemplate(template: string): (string | Placeholder)[] {
+  const parts: (string | Placeholder)[] = [];
   let literal = "";
   let i = 0;
   while (i < template.length) {
@@ -91,13 +108,14 @@ function parseTemplate(template: string): (string | RenderFn)[] {
   return parts;
 }
 
-function compilePlaceholder(name: string, template: string): RenderFn {
-  if (Object.hasOwn(FIELDS, name)) return FIELDS[name]!;
+function compilePlaceholder(name: string, template: string): Placeholder {
+  if (Object.hasOwn(FIELDS, name)) return { name, get: FIELDS[name]! };
   const [root, ...path] = name.split(".");
   if ((root === "payload" || root === "headers") && path.length > 0 && path.every((s) => s !== "")) {
-    return root === "payload"
+    const get: Getter = root === "payload"
       ? (m) => stringify(valueAt(m.payload, path))
       : (m) => stringify(valueAt(m.headers, path));
+    return { name, get };
   }
   throw new ConfigError(`template "${template}": unknown placeholder {${name}} (expected one of ${KNOWN})`);
 }

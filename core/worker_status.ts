@@ -4,6 +4,7 @@
 // Circuit breaker: after CIRCUIT_THRESHOLD consecutive failures the circuit opens and the worker
 // stops hammering the target: it waits the full cooldown (the policy's maximum backoff) and then
 // makes one probe attempt (half-open). Success closes the circuit; another failure opens it again.
+// The state shown is `open` for the whole cooldown and `half-open` only once the probe is under way.
 
 import type { RelayEvents } from "./events.ts";
 import { toError } from "./errors.ts";
@@ -23,7 +24,17 @@ export class WorkerStatus {
   filtered = 0;
   deadLettered = 0;
   failures = 0;
-  circuit: CircuitState = "closed";
+  /** Messages the filter could not decide on (they were skipped or dead-lettered). */
+  filterErrors = 0;
+  #circuit: "closed" | "open" = "closed";
+  /** When the open circuit's cooldown ends and the probe attempt begins (0: not scheduled yet). */
+  #probeAt = 0;
+
+  /** open while waiting out the cooldown, half-open from the probe attempt until its outcome. */
+  get circuit(): CircuitState {
+    if (this.#circuit === "open" && this.#probeAt > 0 && Date.now() >= this.#probeAt) return "half-open";
+    return this.#circuit;
+  }
   /** True while the worker has read everything and waits for a wake-up or the next poll. */
   waiting = false;
 
@@ -46,14 +57,29 @@ export class WorkerStatus {
     this.events?.failed?.(this.pipeline, this.direction, err);
     if (this.circuit === "half-open" || (this.circuit === "closed" && this.attempt >= CIRCUIT_THRESHOLD)) {
       if (this.circuit === "closed") this.log.warn("circuit opened: attempts paused between probes", { failures: this.attempt });
-      this.circuit = "open";
+      this.#circuit = "open";
+      this.#probeAt = 0;
     }
+  }
+
+  /**
+   * The filter could not decide on a message. Counted and shown as the last error, but the pipeline
+   * stays healthy: the message is skipped or dead-lettered and delivery goes on. Logged once per
+   * distinct error, not once per message.
+   */
+  filterFailed(error: Error): void {
+    this.filterErrors += 1;
+    const repeated = error.message === this.lastError;
+    this.lastError = error.message;
+    this.lastErrorAt = new Date();
+    if (!repeated) this.log.warn("the filter could not decide on a message", { error });
+    this.events?.filterFailed?.(this.pipeline, error);
   }
 
   /** How long to wait before the next attempt. An open circuit waits the cooldown, then probes once. */
   retryDelay(policy: BackoffPolicy = DEFAULT_BACKOFF): number {
-    if (this.circuit === "open") {
-      this.circuit = "half-open";
+    if (this.#circuit === "open") {
+      this.#probeAt = Date.now() + policy.maxMs;
       return policy.maxMs;
     }
     return backoffDelay(this.attempt, policy);
@@ -63,6 +89,7 @@ export class WorkerStatus {
     if (!this.healthy) this.log.info("pipeline recovered", { after_attempts: this.attempt });
     this.healthy = true;
     this.attempt = 0;
-    this.circuit = "closed";
+    this.#circuit = "closed";
+    this.#probeAt = 0;
   }
 }

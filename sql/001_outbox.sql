@@ -58,10 +58,21 @@ BEGIN
   RETURN p_name;
 END $$;
 
+-- Every API function names a NULL argument instead of failing somewhere deeper with a message about
+-- something else (or silently doing nothing).
+CREATE FUNCTION tide.check_not_null(p_function text, p_argument text, p_value anyelement)
+RETURNS void LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF p_value IS NULL THEN
+    RAISE EXCEPTION 'tide.%: % must not be NULL', p_function, p_argument USING ERRCODE = 'null_value_not_allowed';
+  END IF;
+END $$;
+
 CREATE FUNCTION tide.outbox_create(p_name text, p_retention_hours integer DEFAULT 72, p_notify boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   PERFORM tide.check_name('outbox', p_name);
+  PERFORM tide.check_not_null('outbox_create', 'p_notify', p_notify);
   IF p_retention_hours IS NULL OR p_retention_hours <= 0 THEN
     RAISE EXCEPTION 'outbox "%": retention hours must be a positive number (got %)', p_name, p_retention_hours
       USING ERRCODE = 'invalid_parameter_value';
@@ -76,6 +87,7 @@ CREATE FUNCTION tide.outbox_create_if_not_exists(p_name text, p_retention_hours 
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
   PERFORM tide.check_name('outbox', p_name);
+  PERFORM tide.check_not_null('outbox_create_if_not_exists', 'p_notify', p_notify);
   IF EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_name) THEN
     RETURN false;
   END IF;
@@ -89,6 +101,9 @@ DECLARE
   v_outbox tide.outboxes;
   v_id bigint;
 BEGIN
+  IF p_outbox IS NULL THEN -- inline, not check_not_null: this is the publish path
+    RAISE EXCEPTION 'tide.outbox_publish: p_outbox must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
   SELECT * INTO v_outbox FROM tide.outboxes WHERE name = p_outbox;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'outbox "%" does not exist', p_outbox
@@ -102,8 +117,9 @@ BEGIN
     RAISE EXCEPTION 'outbox "%": payload must not be NULL', p_outbox USING ERRCODE = 'null_value_not_allowed';
   END IF;
   -- outbox_publish('o', '{"a": 1}', '{"event_type": "x"}') without casts resolves to this form (an
-  -- untyped literal prefers text), which would store the payload as the topic.
-  IF p_topic LIKE '{%}' OR p_topic LIKE '[%]' THEN -- LIKE: cheap on the publish path
+  -- untyped literal prefers text), which would store the payload as the topic. JSON may start and
+  -- end with whitespace (space, tab, newline, carriage return).
+  IF btrim(p_topic, E' \t\n\r') LIKE '{%}' OR btrim(p_topic, E' \t\n\r') LIKE '[%]' THEN -- LIKE: cheap on the publish path
     RAISE EXCEPTION 'outbox "%": the topic looks like JSON (%); was it meant as the payload?', p_outbox, left(p_topic, 60)
       USING ERRCODE = 'invalid_parameter_value',
             HINT = 'cast JSON arguments: tide.outbox_publish(''' || p_outbox || ''', ''{...}''::jsonb, ''{...}''::jsonb)';
@@ -132,6 +148,7 @@ END $$;
 CREATE FUNCTION tide.outbox_enable(p_name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_not_null('outbox_enable', 'p_name', p_name);
   UPDATE tide.outboxes SET enabled = true WHERE name = p_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'outbox "%" does not exist', p_name USING ERRCODE = 'undefined_object';
@@ -141,6 +158,7 @@ END $$;
 CREATE FUNCTION tide.outbox_disable(p_name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_not_null('outbox_disable', 'p_name', p_name);
   UPDATE tide.outboxes SET enabled = false WHERE name = p_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'outbox "%" does not exist', p_name USING ERRCODE = 'undefined_object';

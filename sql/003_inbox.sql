@@ -36,7 +36,9 @@ BEGIN
     RAISE EXCEPTION 'inbox "%": max_retries must be at least 1 (got %)', p_name, p_max_retries
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
-  IF coalesce(p_processed_retention_hours, -1) < 0 OR coalesce(p_dlq_retention_hours, -1) < 0 THEN
+  PERFORM tide.check_not_null('inbox_create', 'p_processed_retention_hours', p_processed_retention_hours);
+  PERFORM tide.check_not_null('inbox_create', 'p_dlq_retention_hours', p_dlq_retention_hours);
+  IF p_processed_retention_hours < 0 OR p_dlq_retention_hours < 0 THEN
     RAISE EXCEPTION 'inbox "%": retention hours must be 0 or more (got processed %, dlq %)',
       p_name, p_processed_retention_hours, p_dlq_retention_hours USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -70,9 +72,11 @@ END $$;
 CREATE FUNCTION tide.inbox_drop(p_name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_table text := tide.inbox_table(p_name);
+  v_table text;
   v_pipeline text;
 BEGIN
+  PERFORM tide.check_not_null('inbox_drop', 'p_name', p_name);
+  v_table := tide.inbox_table(p_name);
   SELECT name INTO v_pipeline FROM tide.relay_pipelines WHERE inbox_name = p_name LIMIT 1;
   IF FOUND THEN
     RAISE EXCEPTION 'inbox "%" is used by pipeline "%"', p_name, v_pipeline
@@ -87,8 +91,10 @@ RETURNS TABLE (id bigint, event_id text, source text, payload jsonb, headers jso
                received_at timestamptz, retry_count integer, last_error text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_table text := tide.inbox_table(p_name);
+  v_table text;
 BEGIN
+  PERFORM tide.check_not_null('inbox_pending', 'p_name', p_name);
+  v_table := tide.inbox_table(p_name);
   RETURN QUERY EXECUTE format(
     'SELECT i.id, i.event_id, i.source, i.payload, i.headers, i.received_at, i.retry_count, i.last_error
        FROM tide.%I i
@@ -121,13 +127,27 @@ BEGIN
   RETURN true;
 END $$;
 
+-- An event id as an inbox stores it. The unique index cannot hold a very long id (a btree entry must
+-- fit in a third of a page), and one such id would fail its whole batch: ids longer than 512 UTF-8
+-- bytes become 'sha256:<hex>' of those bytes. core/event_id.ts applies the same rule in the relay.
+CREATE FUNCTION tide.inbox_event_id(p_event_id text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN octet_length(convert_to(p_event_id, 'UTF8')) > 512
+              THEN 'sha256:' || encode(sha256(convert_to(p_event_id, 'UTF8')), 'hex')
+              ELSE p_event_id END;
+$$;
+
 CREATE FUNCTION tide.inbox_mark_processed(p_name text, p_event_id text) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-  SELECT tide.inbox_mark_processed_where(p_name, 'event_id = $1', p_event_id);
+  SELECT tide.check_not_null('inbox_mark_processed', 'p_name', p_name);
+  SELECT tide.check_not_null('inbox_mark_processed', 'p_event_id', p_event_id);
+  SELECT tide.inbox_mark_processed_where(p_name, 'event_id = tide.inbox_event_id($1)', p_event_id);
 $$;
 
 CREATE FUNCTION tide.inbox_mark_processed(p_name text, p_id bigint) RETURNS boolean
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT tide.check_not_null('inbox_mark_processed', 'p_name', p_name);
+  SELECT tide.check_not_null('inbox_mark_processed', 'p_id', p_id);
   SELECT tide.inbox_mark_processed_where(p_name, 'id = $1', p_id);
 $$;
 
@@ -136,13 +156,17 @@ $$;
 CREATE FUNCTION tide.inbox_mark_failed(p_name text, p_event_id text, p_error text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_table text := tide.inbox_table(p_name);
-  v_max integer := (SELECT max_retries FROM tide.inboxes WHERE name = p_name);
+  v_table text;
+  v_max integer;
   v_processed timestamptz;
   v_count integer;
 BEGIN
+  PERFORM tide.check_not_null('inbox_mark_failed', 'p_name', p_name);
+  PERFORM tide.check_not_null('inbox_mark_failed', 'p_event_id', p_event_id);
+  v_table := tide.inbox_table(p_name);
+  v_max := (SELECT max_retries FROM tide.inboxes WHERE name = p_name);
   EXECUTE format('SELECT processed_at FROM tide.%I WHERE event_id = $1 FOR UPDATE', v_table)
-    INTO v_processed USING p_event_id;
+    INTO v_processed USING tide.inbox_event_id(p_event_id);
   GET DIAGNOSTICS v_count = ROW_COUNT;
   IF v_count = 0 THEN
     RAISE EXCEPTION 'inbox "%" has no message with event_id %', p_name, quote_literal(p_event_id)
@@ -156,37 +180,45 @@ BEGIN
     'UPDATE tide.%I SET retry_count = retry_count + 1, last_error = $2,
             dead_lettered_at = CASE WHEN retry_count + 1 >= $3 THEN now() END
       WHERE event_id = $1 RETURNING retry_count', v_table)
-    INTO v_count USING p_event_id, p_error, v_max;
+    INTO v_count USING tide.inbox_event_id(p_event_id), p_error, v_max;
   RETURN v_count;
 END $$;
 
 CREATE FUNCTION tide.replay_inbox_messages(p_name text, p_event_ids text[]) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_table text := tide.inbox_table(p_name);
+  v_table text;
   v_count integer;
 BEGIN
+  PERFORM tide.check_not_null('replay_inbox_messages', 'p_name', p_name);
+  PERFORM tide.check_not_null('replay_inbox_messages', 'p_event_ids', p_event_ids);
+  v_table := tide.inbox_table(p_name);
   EXECUTE format(
     'UPDATE tide.%I SET processed_at = NULL, retry_count = 0, last_error = NULL, dead_lettered_at = NULL
-      WHERE event_id = ANY ($1)', v_table)
+      WHERE event_id = ANY (ARRAY(SELECT tide.inbox_event_id(e) FROM unnest($1::text[]) e))', v_table)
     USING p_event_ids;
   GET DIAGNOSTICS v_count = ROW_COUNT;
   RETURN v_count;
 END $$;
 
+
 -- The relay's write path: one round trip per batch. p_messages is a JSON array of
 -- {event_id, source, payload, headers}; duplicates (by event_id) are counted, not errors.
+-- Event ids are bounded by tide.inbox_event_id.
 CREATE FUNCTION tide.inbox_insert_batch(p_name text, p_messages jsonb, OUT inserted integer, OUT duplicates integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_table text := tide.inbox_table(p_name);
+  v_table text;
 BEGIN
+  PERFORM tide.check_not_null('inbox_insert_batch', 'p_name', p_name);
+  PERFORM tide.check_not_null('inbox_insert_batch', 'p_messages', p_messages);
+  v_table := tide.inbox_table(p_name);
   IF jsonb_typeof(p_messages) IS DISTINCT FROM 'array' THEN
     RAISE EXCEPTION 'inbox "%": messages must be a JSON array', p_name USING ERRCODE = 'invalid_parameter_value';
   END IF;
   EXECUTE format(
     'INSERT INTO tide.%I (event_id, source, payload, headers)
-     SELECT m->>''event_id'', m->>''source'', coalesce(m->''payload'', ''null''), coalesce(m->''headers'', ''{}'')
+     SELECT tide.inbox_event_id(m->>''event_id''), m->>''source'', coalesce(m->''payload'', ''null''), coalesce(m->''headers'', ''{}'')
        FROM jsonb_array_elements($1) WITH ORDINALITY AS e(m, ord)
       ORDER BY ord
      ON CONFLICT (event_id) DO NOTHING', v_table)

@@ -36,16 +36,27 @@ CREATE TABLE tide.relay_pipeline_state (
   PRIMARY KEY (pipeline, relay_group_id)
 );
 
--- Secrets never leave through the API: values under secret-looking keys, passwords in URLs and
--- secret query parameters.
+-- Secrets never leave through the API: values under secret-looking keys, and in every string the
+-- credential shapes of core/redact.ts (URL passwords and tokens, secret query parameters, password=
+-- pairs, JSON pairs under secret keys, Authorization/Cookie header lines, Bearer/Basic credentials).
 CREATE FUNCTION tide.redact(p_value jsonb, p_all boolean DEFAULT false) RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  -- The same key pattern, URL, query parameter and keyword rules as core/redact.ts.
+  -- The same key pattern and text rules, in the same order, as core/redact.ts.
   c_secret_key CONSTANT text := 'password|passwd|passphrase|secret|token|api[_-]?key|credential|private[_-]?key|authorization|signing[_-]?key|cookie';
+  c_scheme CONSTANT text := '[a-z][a-z0-9+.-]{0,31}://';
+  c_url_password CONSTANT text := '(' || c_scheme || '[^\s:@/?#"]*:)[^\s/?#"]*@';
+  c_url_token CONSTANT text := '(' || c_scheme || ')[^\s:/?#"]+@';
   -- ?name=value with a secret name: the key pattern or "signature" inside it, or exactly key / sig.
   c_query_secret CONSTANT text :=
-    '([?&](?:[^\s=&#"?]*(?:' || c_secret_key || '|signature)[^\s=&#"?]*|key|sig)=)[^\s&#"]+';
+    '([?&](?:[^\s=&#"?]{0,100}(?:' || c_secret_key || '|signature)[^\s=&#"?]{0,100}|key|sig)=)[^\s&#"]+';
+  c_keyword_password CONSTANT text := '(\m[a-z_]*(?:password|passwd)\s*=\s*)(?:''(?:[^''\\]|\\.)*''?|[^\s&''";]+)';
+  c_json_secret CONSTANT text :=
+    '("[^"\\]{0,100}(?:' || c_secret_key || ')[^"\\]{0,100}"\s*:\s*\[?\s*")(?:[^"\\]|\\.)*"?';
+  c_header_secret CONSTANT text :=
+    '(\y(?:proxy-authorization|authorization|set-cookie|cookie|x-api-key|x-auth-token)[ \t]*:[ \t]*)[^\r\n"\\]+';
+  c_auth_scheme CONSTANT text := '(\y(?:bearer|basic)[ \t]+)[a-z0-9._~+/-]+=*';
+  v_text text;
 BEGIN
   CASE jsonb_typeof(p_value)
     WHEN 'object' THEN
@@ -61,10 +72,15 @@ BEGIN
       IF p_all OR (p_value #>> '{}') ~ '-----BEGIN [A-Z ]*PRIVATE KEY-----' THEN
         RETURN '"***"';
       END IF;
-      RETURN to_jsonb(regexp_replace(regexp_replace(regexp_replace(p_value #>> '{}',
-        '([A-Za-z][A-Za-z0-9+.-]*://[^\s:@/?#"]*:)[^\s/?#"]*@', '\1***@', 'g'),
-        c_query_secret, '\1***', 'gi'),
-        '(\m[a-z_]*(password|passwd)\s*=\s*)(''(?:[^''\\]|\\.)*''|[^\s&''";]+)', '\1***', 'gi'));
+      v_text := p_value #>> '{}';
+      v_text := regexp_replace(v_text, c_url_password, '\1***@', 'gi');
+      v_text := regexp_replace(v_text, c_url_token, '\1***@', 'gi');
+      v_text := regexp_replace(v_text, c_query_secret, '\1***', 'gi');
+      v_text := regexp_replace(v_text, c_keyword_password, '\1***', 'gi');
+      v_text := regexp_replace(v_text, c_json_secret, '\1***"', 'gi');
+      v_text := regexp_replace(v_text, c_header_secret, '\1***', 'gi');
+      v_text := regexp_replace(v_text, c_auth_scheme, '\1***', 'gi');
+      RETURN to_jsonb(v_text);
     ELSE
       IF p_all AND jsonb_typeof(p_value) <> 'null' THEN
         RETURN '"***"';
@@ -133,6 +149,7 @@ DECLARE
   v_user text;
 BEGIN
   PERFORM tide.check_name('pipeline', p_name);
+  PERFORM tide.check_not_null('relay_set_outbox', 'p_outbox', p_outbox);
   PERFORM tide.config_check(p_config, p_name);
   IF NOT EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_outbox) THEN
     RAISE EXCEPTION 'pipeline "%": outbox "%" does not exist', p_name, p_outbox USING ERRCODE = 'undefined_object';
@@ -179,6 +196,7 @@ CREATE FUNCTION tide.relay_set_outbox(p_name text, p_outbox text, p_sink_type te
                                       p_batch_size integer DEFAULT NULL, p_enabled boolean DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_name('pipeline', p_name);
   PERFORM tide.config_check(p_config, p_name);
   -- With config.sink_type the third argument names the consumer group; without, the sink type.
   IF p_config ? 'sink_type' AND p_config->>'sink_type' IS DISTINCT FROM p_sink_type THEN
@@ -192,6 +210,7 @@ CREATE FUNCTION tide.relay_set_outbox(p_name text, p_outbox text, p_config jsonb
                                       p_batch_size integer DEFAULT NULL, p_enabled boolean DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_name('pipeline', p_name);
   PERFORM tide.config_check(p_config, p_name);
   IF NOT p_config ? 'sink_type' THEN
     RAISE EXCEPTION 'pipeline "%": config needs ''sink_type'' (known: %)', p_name,
@@ -210,6 +229,7 @@ DECLARE
   v_source text;
 BEGIN
   PERFORM tide.check_name('pipeline', p_name);
+  PERFORM tide.check_not_null('relay_set_inbox', 'p_inbox', p_inbox);
   PERFORM tide.config_check(p_config, p_name);
   v_source := coalesce(p_source, p_config->>'source_type');
   IF v_source IS NULL THEN
@@ -254,6 +274,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp A
 DECLARE
   v_pipeline tide.relay_pipelines;
 BEGIN
+  PERFORM tide.check_not_null('relay_get_config', 'p_name', p_name);
   SELECT * INTO v_pipeline FROM tide.relay_pipelines WHERE name = p_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pipeline "%" does not exist', p_name USING ERRCODE = 'undefined_object';
@@ -283,15 +304,22 @@ BEGIN
 END $$;
 
 CREATE FUNCTION tide.relay_enable(p_name text) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT tide.relay_set_enabled(p_name, true) $$;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT tide.check_not_null('relay_enable', 'p_name', p_name);
+  SELECT tide.relay_set_enabled(p_name, true);
+$$;
 
 CREATE FUNCTION tide.relay_disable(p_name text) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT tide.relay_set_enabled(p_name, false) $$;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT tide.check_not_null('relay_disable', 'p_name', p_name);
+  SELECT tide.relay_set_enabled(p_name, false);
+$$;
 
 -- Removes the pipeline; its consumer group (and so its position) stays until dropped.
 CREATE FUNCTION tide.relay_delete(p_name text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_not_null('relay_delete', 'p_name', p_name);
   DELETE FROM tide.relay_pipelines WHERE name = p_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pipeline "%" does not exist', p_name USING ERRCODE = 'undefined_object';
@@ -299,12 +327,33 @@ BEGIN
   PERFORM pg_notify('tide_relay_config', p_name);
 END $$;
 
--- Relays register the types of their drop-in plugins so the catalog accepts them.
+-- Relays register the types of their drop-in plugins so the catalog accepts them. p_required_keys
+-- is what plugin_type_check reads: a list of groups, each a non-empty list of key names of which a
+-- config must have at least one, e.g. [["url"], ["subject", "subject_template"]].
 CREATE FUNCTION tide.register_plugin_type(p_type text, p_kind text, p_required_keys jsonb DEFAULT '[]')
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_bad jsonb;
 BEGIN
   PERFORM tide.check_name('plugin type', p_type);
-  INSERT INTO tide.plugin_types (type, kind, required_keys) VALUES (p_type, p_kind, coalesce(p_required_keys, '[]'))
+  IF p_kind IS NULL OR p_kind NOT IN ('sink', 'source') THEN
+    RAISE EXCEPTION 'plugin type "%": kind must be ''sink'' or ''source'' (got %)', p_type, coalesce(quote_literal(p_kind), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  PERFORM tide.check_not_null('register_plugin_type', 'p_required_keys', p_required_keys);
+  IF jsonb_typeof(p_required_keys) = 'array' THEN
+    SELECT g INTO v_bad FROM jsonb_array_elements(p_required_keys) g
+     WHERE CASE WHEN jsonb_typeof(g) = 'array'
+                THEN jsonb_array_length(g) = 0 OR EXISTS (SELECT 1 FROM jsonb_array_elements(g) k
+                                                           WHERE jsonb_typeof(k) <> 'string' OR k = '""')
+                ELSE true END
+     LIMIT 1;
+  END IF;
+  IF jsonb_typeof(p_required_keys) <> 'array' OR v_bad IS NOT NULL THEN
+    RAISE EXCEPTION 'plugin type "%": required_keys must be a list of non-empty lists of key names, like [["url"], ["topic", "topic_template"]] (got %)',
+      p_type, left(p_required_keys::text, 200) USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  INSERT INTO tide.plugin_types (type, kind, required_keys) VALUES (p_type, p_kind, p_required_keys)
   ON CONFLICT (type, kind) DO UPDATE SET required_keys = excluded.required_keys, registered_at = now()
    WHERE NOT tide.plugin_types.builtin;
 END $$;

@@ -5,6 +5,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_pipeline text;
 BEGIN
+  PERFORM tide.check_not_null('outbox_drop', 'p_name', p_name);
   IF NOT EXISTS (SELECT 1 FROM tide.outboxes WHERE name = p_name) THEN
     RAISE EXCEPTION 'outbox "%" does not exist', p_name USING ERRCODE = 'undefined_object';
   END IF;
@@ -22,6 +23,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_pipeline text;
 BEGIN
+  PERFORM tide.check_not_null('drop_consumer_group', 'p_group', p_group);
+  PERFORM tide.check_not_null('drop_consumer_group', 'p_outbox', p_outbox);
   SELECT name INTO v_pipeline FROM tide.relay_pipelines WHERE outbox_name = p_outbox AND consumer_group = p_group;
   IF FOUND THEN
     RAISE EXCEPTION 'consumer group "%" on outbox "%" is used by pipeline "%"', p_group, p_outbox, v_pipeline
@@ -46,6 +49,11 @@ DECLARE
   v_cursor bigint;
   v_max bigint;
 BEGIN
+  PERFORM tide.check_not_null('consumer_group_rewind', 'p_group', p_group);
+  PERFORM tide.check_not_null('consumer_group_rewind', 'p_outbox', p_outbox);
+  -- A NULL p_force would let an enabled pipeline's group be rewound as if forced (NOT NULL is NULL).
+  PERFORM tide.check_not_null('consumer_group_rewind', 'p_force', p_force);
+  PERFORM tide.check_not_null('consumer_group_rewind', 'p_relay_group_id', p_relay_group_id);
   IF (p_to_id IS NULL) = (p_to_time IS NULL) THEN
     RAISE EXCEPTION 'consumer group "%": give exactly one of p_to_id and p_to_time', p_group
       USING ERRCODE = 'invalid_parameter_value';
@@ -79,6 +87,18 @@ BEGIN
            WHERE outbox = p_outbox AND id > v_cursor AND pg_visible_in_snapshot(txid, v_high));
 END $$;
 
+-- The arguments every sweep shares. A NULL batch would be LIMIT NULL, no limit at all, and a NULL
+-- dry run would delete.
+CREATE FUNCTION tide.check_sweep(p_function text, p_batch integer, p_dry_run boolean) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM tide.check_not_null(p_function, 'p_batch', p_batch);
+  PERFORM tide.check_not_null(p_function, 'p_dry_run', p_dry_run);
+  IF p_batch < 1 THEN
+    RAISE EXCEPTION 'tide.%: p_batch must be at least 1 (got %)', p_function, p_batch USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END $$;
+
 -- Deletes at most p_batch messages of one outbox (or of all) that are older than the outbox's
 -- retention AND delivered by every consumer group. Call until it returns less than p_batch.
 -- With p_dry_run it only counts what it would delete (unbounded).
@@ -88,6 +108,7 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, p
 DECLARE
   v_count bigint;
 BEGIN
+  PERFORM tide.check_sweep('outbox_retention_sweep', p_batch, p_dry_run);
   IF p_dry_run THEN
     SELECT count(*) INTO v_count FROM tide.outbox_messages m JOIN tide.outboxes o ON o.name = m.outbox
      WHERE (p_outbox IS NULL OR m.outbox = p_outbox)
@@ -120,6 +141,7 @@ DECLARE
                    OR ($2 > 0 AND dead_lettered_at IS NOT NULL AND processed_at IS NULL
                        AND dead_lettered_at < now() - make_interval(hours => $2))';
 BEGIN
+  PERFORM tide.check_sweep('inbox_retention_sweep', p_batch, p_dry_run);
   FOR v_inbox IN SELECT * FROM tide.inboxes WHERE p_inbox IS NULL OR name = p_inbox ORDER BY name LOOP
     IF p_dry_run THEN
       EXECUTE format('SELECT count(*) FROM tide.%I WHERE %s', v_inbox.table_name, v_where)
@@ -160,6 +182,9 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, p
 DECLARE
   v_id bigint;
 BEGIN
+  PERFORM tide.check_not_null('relay_dlq_add', 'p_pipeline', p_pipeline);
+  PERFORM tide.check_not_null('relay_dlq_add', 'p_message_id', p_message_id);
+  PERFORM tide.check_not_null('relay_dlq_add', 'p_error', p_error);
   INSERT INTO tide.relay_dlq (pipeline, outbox_name, message_id, topic, payload, headers, error, attempts, message_created_at)
   SELECT p_pipeline, m.outbox, m.id, m.topic, m.payload, m.headers, p_error, coalesce(p_attempts, 1), m.created_at
     FROM tide.outbox_messages m WHERE m.id = p_message_id
@@ -184,6 +209,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_pipeline text;
 BEGIN
+  PERFORM tide.check_not_null('relay_dlq_requeue', 'p_id', p_id);
   UPDATE tide.relay_dlq SET status = 'requeued', updated_at = now()
    WHERE id = p_id AND status IN ('open', 'resolved') RETURNING pipeline INTO v_pipeline;
   IF NOT FOUND THEN
@@ -198,6 +224,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_count integer;
 BEGIN
+  PERFORM tide.check_not_null('relay_dlq_requeue', 'p_pipeline', p_pipeline);
   IF NOT EXISTS (SELECT 1 FROM tide.relay_pipelines WHERE name = p_pipeline) THEN
     RAISE EXCEPTION 'pipeline "%" does not exist', p_pipeline USING ERRCODE = 'undefined_object';
   END IF;
@@ -210,6 +237,7 @@ END $$;
 CREATE FUNCTION tide.relay_dlq_resolve(p_id bigint) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+  PERFORM tide.check_not_null('relay_dlq_resolve', 'p_id', p_id);
   UPDATE tide.relay_dlq SET status = 'resolved', updated_at = now() WHERE id = p_id;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'dead letter % does not exist', p_id USING ERRCODE = 'no_data_found';

@@ -2,14 +2,16 @@
 // template or the message's `key` header, tide metadata in headers) with kafkajs's idempotent
 // producer, one sendBatch per publish. Resolves once the broker acknowledged at the configured acks
 // level. Network and broker trouble fails the whole batch (retried); records that no retry can fix
-// go to the DLQ one by one.
+// go to the DLQ one by one. A topic_template's values are user data: no "." in a value unless
+// allow_dots_in names its placeholder ({topic} always may), and no value may lead the topic name
+// into the "_" names of Kafka's own and its tools' topics (__consumer_offsets, _schemas).
 
 import { type Message, Partitioners, type Producer, type TopicMessages } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, kafkaErrorTypes, TOPIC_NAME } from "./connection.ts";
-import { headerText, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
 
@@ -21,8 +23,10 @@ const configSchema = z
       .refine((s) => !s.includes("{"), { error: "has a placeholder: use 'topic_template' for per-message topics", abort: true })
       .regex(TOPIC_NAME, "must be a Kafka topic name (letters, digits, '.', '_', '-')")
       .optional(),
-    /** Per-message topic, e.g. `orders.{event_type}`. */
+    /** Per-message topic, e.g. `orders.{op}`. */
     topic_template: z.string().min(1).optional(),
+    /** Placeholders of topic_template whose values may contain ".", e.g. ["event_type"]. */
+    allow_dots_in: z.array(z.string().min(1)).default([]),
     /**
      * Record key template, e.g. `{event_type}` or `{payload.order_id}`. Absent: the message's `key`
      * header (table capture puts the row's primary key there; non-strings as JSON text), else no key.
@@ -51,6 +55,7 @@ const configSchema = z
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
     if (!config.topic && !config.topic_template) problem("topic", "required unless 'topic_template' is set");
     if (config.topic && config.topic_template) problem("topic_template", "cannot be combined with 'topic'");
+    if (config.allow_dots_in.length > 0 && !config.topic_template) problem("allow_dots_in", "applies to 'topic_template' only");
     if (config.idempotent === true && config.acks !== -1) problem("idempotent", "needs acks \"all\"");
   })
   .transform((config) => ({ ...config, idempotent: config.idempotent ?? config.acks === -1 }));
@@ -92,7 +97,8 @@ interface PendingRecord {
 function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   const where = `kafka sink "${ctx.pipeline}"`;
   // Surface an unknown placeholder now, as a config error, rather than on the first message.
-  if (config.topic_template) ctx.render(config.topic_template, PROBE_MESSAGE);
+  if (config.topic_template) checkAllowDotsIn(config.topic_template, config.allow_dots_in, ctx, `${where}: 'topic_template'`);
+  const values = oneTokenValues(config.allow_dots_in, "topic name parts");
   if (config.key) ctx.render(config.key, PROBE_MESSAGE);
   const kafka = createKafkaClient(config, ctx, config.timeout_ms);
   let producer: Producer | undefined;
@@ -108,11 +114,15 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     let topic: string;
     let key: string | null = null;
     try {
-      topic = config.topic ?? ctx.render(config.topic_template!, message);
+      topic = config.topic ?? renderTopic(config.topic_template!, message);
+    } catch (error) {
+      return permanent(message, `topic_template "${config.topic_template}" refused: ${messageOf(error)}`, error);
+    }
+    try {
       if (config.key) key = ctx.render(config.key, message);
       else key = keyHeader(message);
     } catch (error) {
-      return permanent(message, `cannot render the topic or key: ${messageOf(error)}`, error);
+      return permanent(message, `cannot render the key: ${messageOf(error)}`, error);
     }
     if (!TOPIC_NAME.test(topic)) {
       return permanent(message, `topic "${topic}" from template "${config.topic_template}" is not a valid Kafka topic name`);
@@ -124,6 +134,17 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     headers["tide-outbox"] = message.outbox;
     headers["tide-message-id"] = message.id.toString();
     return { message, topic, record: { key, value: toJson(message.payload), headers } };
+  }
+
+  function renderTopic(template: string, message: OutboxMessage): string {
+    const topic = ctx.render(template, message, values);
+    if (topic.startsWith("_") && !template.startsWith("_")) {
+      throw new Error(
+        `it rendered "${topic}": topics starting with "_" belong to Kafka and its tools (__consumer_offsets, ` +
+          `__transaction_state, _schemas) and a value may not lead there; to produce to one, start topic_template with it`,
+      );
+    }
+    return topic;
   }
 
   async function send(records: PendingRecord[]): Promise<void> {

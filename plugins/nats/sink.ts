@@ -3,6 +3,9 @@
 // waits for the PubAck, with Nats-Msg-Id = the dedup key so the stream drops redeliveries; elsewhere
 // it publishes on core NATS and flushes (the server got it; core NATS keeps no copy). A publish the
 // server refuses for lack of permission fails the message (retriable), on either route.
+// A subject_template's values are user data: a value may fill one subject token (no ".", unless
+// allow_dots_in names its placeholder; {topic} always may), and no value may lead the subject into
+// the server's own "$" APIs ($JS, $SYS, $KV), which the relay's credentials may be allowed to use.
 
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, type JetStreamClient, type JetStreamManager, type PubAck } from "@nats-io/jetstream";
@@ -18,7 +21,7 @@ import {
   openManager,
   PublishDenials,
 } from "./connection.ts";
-import { headerText, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, toJson, messageOf } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -30,6 +33,8 @@ const configSchema = z
       .optional(),
     /** Per-message subject, e.g. `events.orders.{op}`. */
     subject_template: z.string().min(1).optional(),
+    /** Placeholders of subject_template whose values may contain "." (span several tokens), e.g. ["payload.subject"]. */
+    allow_dots_in: z.array(z.string().min(1)).default([]),
     /** auto: JetStream where a stream stores the subject, else core; jetstream: a stream is required; core: never JetStream. */
     mode: z.enum(["auto", "jetstream", "core"]).default("auto"),
     /** How long to wait for a PubAck (and for JetStream API calls). */
@@ -39,6 +44,7 @@ const configSchema = z
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
     if (!config.subject && !config.subject_template) problem("subject", "required unless 'subject_template' is set");
     if (config.subject && config.subject_template) problem("subject_template", "cannot be combined with 'subject'");
+    if (config.allow_dots_in.length > 0 && !config.subject_template) problem("allow_dots_in", "applies to 'subject_template' only");
     checkAuth(config, problem);
   });
 
@@ -71,7 +77,8 @@ interface Planned {
 function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   const where = `nats sink "${ctx.pipeline}"`;
   // Surface an unknown placeholder now, as a config error, rather than on the first message.
-  if (config.subject_template) ctx.render(config.subject_template, PROBE_MESSAGE);
+  if (config.subject_template) checkAllowDotsIn(config.subject_template, config.allow_dots_in, ctx, `${where}: 'subject_template'`);
+  const values = oneTokenValues(config.allow_dots_in, "subject tokens");
   const encoder = new TextEncoder();
   const routes = new Map<string, { route: Route | "missing"; until: number }>();
   let nc: NatsConnection | undefined;
@@ -123,6 +130,17 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     return h;
   }
 
+  function renderSubject(template: string, message: OutboxMessage): string {
+    const subject = ctx.render(template, message, values);
+    if (subject.startsWith("$") && !template.startsWith("$")) {
+      throw new Error(
+        `it rendered "${subject}": subjects starting with "$" are the NATS server's own APIs ($JS, $SYS, $KV, ...) ` +
+          `and a value may not lead there; to publish to one, start subject_template with it (e.g. "$KV.bucket.{payload.key}")`,
+      );
+    }
+    return subject;
+  }
+
   async function plan(batch: OutboxMessage[], failures: DeliveryFailure[]): Promise<Planned[]> {
     const planned: Planned[] = [];
     let blockedBy: OutboxMessage | undefined;
@@ -134,9 +152,9 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       }
       let subject: string;
       try {
-        subject = config.subject ?? ctx.render(config.subject_template!, message);
+        subject = config.subject ?? renderSubject(config.subject_template!, message);
       } catch (error) {
-        failures.push(failure(message, false, `cannot render subject_template: ${messageOf(error)}`, error));
+        failures.push(failure(message, false, `subject_template "${config.subject_template}" refused: ${messageOf(error)}`, error));
         continue;
       }
       if (!isPublishSubject(subject)) {

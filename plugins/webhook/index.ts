@@ -31,6 +31,8 @@ const configSchema = z
         scheme: z.enum(["hmac-sha256", "standard-webhooks"]),
         secret: z.string().min(1),
         header: z.string().regex(HEADER_NAME, "must be a valid HTTP header name").optional(),
+        /** hmac-sha256 only: send the unix time in this header and sign "<timestamp>.<body>". */
+        timestamp_header: z.string().regex(HEADER_NAME, "must be a valid HTTP header name").optional(),
       })
       .optional(),
     /** Retry every non-2xx answer until 2xx, 4xx included (they go to the DLQ otherwise). */
@@ -45,8 +47,10 @@ const configSchema = z
     if (config.url_template && config.mode === "batch") {
       problem(["url_template"], "needs mode \"single\": a batch goes to one URL");
     }
-    if (config.signing?.header && config.signing.scheme !== "hmac-sha256") {
-      problem(["signing", "header"], "applies to scheme \"hmac-sha256\" only");
+    for (const key of ["header", "timestamp_header"] as const) {
+      if (config.signing?.[key] && config.signing.scheme !== "hmac-sha256") {
+        problem(["signing", key], "applies to scheme \"hmac-sha256\" only");
+      }
     }
     if (config.signing) {
       try {
@@ -78,6 +82,8 @@ export default webhookSink;
 interface Failure {
   error: Error;
   retriable: boolean;
+  /** The target answered and refused this message (a 4xx retried by retry_client_errors). */
+  refused?: boolean;
 }
 
 function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
@@ -85,8 +91,9 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
   const sign = config.signing ? createSigner(config.signing) : undefined;
   // close() aborts requests in flight; ctx.signal does the same when the pipeline stops.
   const closing = new AbortController();
-  // Surface an unknown placeholder now, as a config error, rather than on the first message.
-  if (config.url_template) ctx.render(config.url_template, PROBE_MESSAGE);
+  // Checked now, as a config error, rather than on the first message: an unknown placeholder, and
+  // a placeholder that could choose the host.
+  const templateOrigin = config.url_template ? fixedOrigin(config.url_template, ctx, where) : undefined;
 
   const transient = (message: string, cause?: unknown): Failure => ({
     error: ctx.errors.transient(`${where}: ${message}`, cause),
@@ -136,7 +143,9 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
       return undefined;
     }
     const answer = `${target} answered ${status}${await bodySnippet(response)}`;
-    if (status === 408 || status === 429 || status >= 500 || config.retry_client_errors) return transient(answer);
+    // 408, 429 and 5xx say the target is unwell, not that the message is wrong: an outage.
+    if (status === 408 || status === 429 || status >= 500) return transient(answer);
+    if (config.retry_client_errors) return { ...transient(answer), refused: true };
     return permanent(status >= 300 && status < 400 ? `${answer} (redirects are not followed)` : answer);
   }
 
@@ -178,7 +187,7 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
   async function sendOne(message: OutboxMessage): Promise<Failure | undefined> {
     let url: string;
     try {
-      url = config.url ?? ctx.render(config.url_template!, message);
+      url = config.url ?? renderUrl(config.url_template!, templateOrigin, message, ctx);
     } catch (error) {
       return permanent(`url_template "${config.url_template}" failed for message ${message.id}: ${messageOf(error)}`, error);
     }
@@ -207,8 +216,8 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
     if (!failure) return [];
     // A rejection means "retry the whole batch"; a refusal that retrying cannot fix is reported
     // for every message instead, so that the batch reaches the DLQ rather than blocking the pipeline.
-    if (failure.retriable) throw failure.error;
-    return batch.map((m) => ({ id: m.id, error: failure.error, retriable: false }));
+    if (failure.retriable && !failure.refused) throw failure.error;
+    return batch.map((m) => ({ id: m.id, ...failure }));
   }
 
   function withStaticHeaders(headers: Headers): Headers {
@@ -227,6 +236,56 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
       closing.abort();
     },
   };
+}
+
+const VALUE_MARK = "\u0000";
+
+/**
+ * The origin (scheme, host, port) that a url_template fixes before its first placeholder, or
+ * undefined for a template without placeholders. A placeholder inside the origin is a config error:
+ * a message's values would choose the host the request goes to.
+ */
+function fixedOrigin(template: string, ctx: PluginContext, where: string): string | undefined {
+  const probe = ctx.render(template, PROBE_MESSAGE, { value: () => VALUE_MARK });
+  if (!probe.includes(VALUE_MARK)) return undefined;
+  const prefix = /^https?:\/\/[^/?#]+(?=[/?#])/i.exec(probe.slice(0, probe.indexOf(VALUE_MARK)))?.[0];
+  let origin: string | undefined;
+  try {
+    if (prefix) origin = new URL(prefix).origin;
+  } catch {
+    // reported below
+  }
+  if (origin === undefined || origin === "null") {
+    throw ctx.errors.config(
+      `${where}: 'url_template' "${template}": a placeholder may not choose the scheme, host or port; ` +
+        `start the template with a fixed "https://host/" and put placeholders in the path or query`,
+    );
+  }
+  return origin;
+}
+
+/**
+ * Renders a url_template with every value percent-encoded, so that a value fills one path segment
+ * or one query value and cannot add "/", "?", "#" or "@". Throws when a value would still move the
+ * request elsewhere: a "." or ".." segment, or another origin.
+ */
+function renderUrl(template: string, origin: string | undefined, message: OutboxMessage, ctx: PluginContext): string {
+  const url = ctx.render(template, message, {
+    value(value, placeholder) {
+      if (value === "." || value === "..") {
+        throw new Error(`{${placeholder}} is "${value}", which would move up the URL path; values may not be "." or ".."`);
+      }
+      return encodeURIComponent(value);
+    },
+  });
+  const path = url.replace(/^https?:\/\/[^/?#]*/i, "").split(/[?#]/, 1)[0]!;
+  if (path.split("/").some((segment) => /^(\.|%2e){1,2}$/i.test(segment))) {
+    throw new Error(`the rendered path "${path}" has a "." or ".." segment, which would move up the URL path`);
+  }
+  if (origin !== undefined && new URL(url).origin !== origin) {
+    throw new Error(`the rendered URL's origin is not ${origin}`);
+  }
+  return url;
 }
 
 function baseHeaders(idempotencyKey: string, outbox: string): Headers {

@@ -9,6 +9,11 @@ export interface SigningConfig {
   secret: string;
   /** hmac-sha256 only: where the signature goes. */
   header?: string;
+  /**
+   * hmac-sha256 only: a header for the unix time of sending. The signature then covers
+   * `<timestamp>.<body>`, so that a receiver can refuse an old request replayed later.
+   */
+  timestamp_header?: string;
 }
 
 export const DEFAULT_SIGNATURE_HEADER = "X-Tide-Signature";
@@ -20,7 +25,8 @@ export const DEFAULT_SIGNATURE_HEADER = "X-Tide-Signature";
 export type Signer = (body: string, messageId: string, nowSeconds: number) => Promise<Record<string, string>>;
 
 /**
- * hmac-sha256:       `<header>: sha256=<hex HMAC-SHA256(secret, body)>`
+ * hmac-sha256:       `<header>: sha256=<hex HMAC-SHA256(secret, body)>`; with a timestamp_header,
+ *                    `<timestamp_header>: <unix seconds>` and the HMAC is over "<timestamp>.<body>"
  * standard-webhooks: `webhook-id`, `webhook-timestamp`, and
  *                    `webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`
  */
@@ -40,7 +46,12 @@ export function createSigner(config: SigningConfig): Signer {
 
   if (config.scheme === "hmac-sha256") {
     const header = config.header ?? DEFAULT_SIGNATURE_HEADER;
-    return async (body) => ({ [header]: `sha256=${toHex(await hmac(body))}` });
+    const timestampHeader = config.timestamp_header;
+    if (!timestampHeader) return async (body) => ({ [header]: `sha256=${toHex(await hmac(body))}` });
+    return async (body, _messageId, nowSeconds) => ({
+      [timestampHeader]: String(nowSeconds),
+      [header]: `sha256=${toHex(await hmac(`${nowSeconds}.${body}`))}`,
+    });
   }
   return async (body, messageId, nowSeconds) => {
     const timestamp = String(nowSeconds);

@@ -54,7 +54,7 @@ describe.skipIf(!available)("nats sink on a server that denies publishing to sec
   it("reports a core publish the server refused as a retriable failure naming the subject, and what follows it", async () => {
     const received = collectNats(admin, "open.>", 2);
     await admin.flush();
-    const sink = natsSink.create(await parse(natsSink, { ...app(), subject_template: "{payload.subject}" }), context());
+    const sink = natsSink.create(await parse(natsSink, { ...app(), subject_template: "{payload.subject}", allow_dots_in: ["payload.subject"] }), context());
     await sink.connect();
     try {
       const failures = await sink.publish([message(1, "open.a"), message(2, "secret.a"), message(3, "open.b")]);

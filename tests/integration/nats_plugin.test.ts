@@ -117,7 +117,7 @@ describe.skipIf(!up)("nats", () => {
       const elsewhere = `tide.other.${token()}`;
       const received = collectNats(nc, elsewhere, 1);
       await nc.flush();
-      const sink = natsSink.create(await parse(natsSink, { url: URL, subject_template: "{payload.subject}" }), context());
+      const sink = natsSink.create(await parse(natsSink, { url: URL, subject_template: "{payload.subject}", allow_dots_in: ["payload.subject"] }), context());
       await sink.connect();
       try {
         const failures = await sink.publish([

@@ -44,6 +44,14 @@ describe("pg-tide", () => {
     }
   }, 60_000);
 
+  it("explains the HTTP token in run --help: what it guards, how to send it, and the probes' scope", async () => {
+    const help = (await pgTide("run", "--help")).stdout;
+    expect(help).toMatch(/--http-token TOKEN +protect the HTTP server with this token: .*401 .*Authorization: Bearer TOKEN.*\(env PG_TIDE_HTTP_TOKEN\)/);
+    expect(help).toContain("signed webhook sources are checked by their signature instead");
+    expect(help).toMatch(/--http-token-scope api\|all +api: \/livez, \/readyz, \/health and \/metrics stay open.*all: they ask for the token too/);
+    expect(help).toMatch(/--metrics-addr HOST:PORT .*0\.0\.0\.0 listens on every interface.*default 0\.0\.0\.0:9090/);
+  });
+
   it("names an unknown command, an unknown flag and a bad value", async () => {
     const unknown = await pgTide("frobnicate");
     expect([unknown.code, unknown.stderr]).toEqual([2, expect.stringContaining('unknown command "frobnicate"')]);

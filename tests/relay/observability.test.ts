@@ -256,7 +256,7 @@ describe("pipeline status", () => {
     await own.sql`SELECT tide.relay_set_outbox('status-file', 'status_file', 'file', ${own.sql.json({ path: join(dir, "status.jsonl") })})`;
     await own.sql`SELECT tide.relay_set_outbox('status-flaky', 'status_flaky', 'webhook', ${own.sql.json(webhook)})`;
     await own.sql`SELECT tide.relay_set_outbox('status-hook', 'status_hook', 'webhook', ${own.sql.json(webhook)})`;
-    await own.sql`SELECT tide.relay_set_inbox('status-in', 'status_in', '{"source_type": "webhook", "path": "status"}'::jsonb)`;
+    await own.sql`SELECT tide.relay_set_inbox('status-in', 'status_in', '{"source_type": "webhook", "path": "status", "allow_unsigned": true}'::jsonb)`;
     relay = await startRelay(own.url, { metricsAddr: "127.0.0.1:0" });
     base = `http://127.0.0.1:${relay.httpPort}`;
     await waitFor("the ingest route", async () => (await fetch(`${base}/ingest/status`)).status === 405);

@@ -100,14 +100,14 @@ describe("webhook delivery under failures", () => {
     }
   }, 60_000);
 
-  it("dead-letters a message past its retry budget and delivers the ones queued behind it", async () => {
+  it("dead-letters a message the target keeps refusing past its retry budget and delivers the ones queued behind it", async () => {
     const { state, server, url } = flakyEndpoint();
     state.mode = "ok";
     const failing = Bun.serve({
       port: 0,
       async fetch(request) {
         const body = await request.json();
-        if (body.stuck) return new Response("stuck", { status: 503 });
+        if (body.stuck) return new Response("stuck", { status: 409 });
         return fetch(url, { method: "POST", body: JSON.stringify(body) });
       },
     });
@@ -115,6 +115,7 @@ describe("webhook delivery under failures", () => {
       await db.sql`SELECT tide.outbox_create('budget')`;
       await db.sql`SELECT tide.relay_set_outbox('budget', 'budget', 'webhook', ${db.sql.json({
         url: `http://127.0.0.1:${failing.port}/hook`,
+        retry_client_errors: true,
         retry: { initial_backoff_ms: 10, max_backoff_ms: 20, max_attempts: 3 },
       })})`;
       await db.sql`SELECT tide.outbox_publish('budget', '{"n": 1, "stuck": true}'::jsonb)`;
@@ -131,6 +132,47 @@ describe("webhook delivery under failures", () => {
       server.stop(true);
     }
   }, 60_000);
+
+  // An outage is not a bad message: with a retry budget set, a target that answers 500 to everything
+  // for a while (then recovers) must not send healthy messages to the dead-letter queue, in single
+  // and in batch mode alike.
+  for (const mode of ["single", "batch"] as const) {
+    it(`spends no retry budget during an outage (${mode} mode): nothing is dead-lettered`, async () => {
+      const received: number[] = [];
+      let failures = 0;
+      const outage = Bun.serve({
+        port: 0,
+        async fetch(request) {
+          const body = await request.json();
+          if (failures < 12) {
+            failures += 1;
+            return new Response("down for maintenance", { status: 500 });
+          }
+          for (const m of Array.isArray(body) ? body : [{ payload: body }]) received.push(m.payload.n);
+          return new Response(null, { status: 204 });
+        },
+      });
+      const name = `outage_${mode}`;
+      try {
+        await db.sql`SELECT tide.outbox_create(${name})`;
+        await db.sql`SELECT tide.relay_set_outbox(${name}, ${name}, 'webhook', ${db.sql.json({
+          url: `http://127.0.0.1:${outage.port}/hook`,
+          mode,
+          retry: { initial_backoff_ms: 5, max_backoff_ms: 10, max_attempts: 3 },
+        })})`;
+        for (let n = 1; n <= 5; n++) await db.sql`SELECT tide.outbox_publish(${name}, ${db.sql.json({ n })})`;
+
+        await waitFor("every message after the outage", () => received.length >= 5);
+        expect(failures).toBe(12);
+        expect(received).toEqual([1, 2, 3, 4, 5]);
+        await waitFor("the batch to be acknowledged", async () =>
+          (await db.sql`SELECT lag FROM tide.consumer_lag WHERE group_name = ${name}`)[0].lag === 0n);
+        expect(await db.sql`SELECT message_id FROM tide.relay_dlq WHERE pipeline = ${name}`).toHaveLength(0);
+      } finally {
+        outage.stop(true);
+      }
+    }, 60_000);
+  }
 
   it("dead-letters a poison message, delivers the rest, and redelivers it when requeued", async () => {
     const { state, server, url } = flakyEndpoint();

@@ -110,7 +110,7 @@ describe("manifest files", () => {
   });
 
   it("accepts an empty manifest: no relay settings, plugins or pipelines", () => {
-    expect(toml("")).toEqual({ path: resolve("pg-tide.toml"), relay: {}, plugins: {}, pipelines: [] });
+    expect(toml("")).toEqual({ path: resolve("pg-tide.toml"), relay: {}, plugins: {}, overrides: [], pipelines: [] });
   });
 
   it("chooses the format by extension, case-insensitively", () => {
@@ -397,7 +397,7 @@ describe("manifest plugins", () => {
       'pg-tide.toml: plugins.audit: a plugin path must end in .ts, .js, .mjs or .mts (got "./audit.py")',
     );
     expect(configError(() => toml("[plugins]\naudit = 3\n"))).toBe(
-      "pg-tide.toml: plugins.audit: expected a string (got 3)",
+      'pg-tide.toml: plugins.audit: must be a file path, or a table like { path = "./my_sink.ts", override = true } (got 3)',
     );
   });
 });

@@ -101,9 +101,40 @@ describe("text redaction", () => {
     expect(redactText('redis://:pw@cache and "amqp://u:x@mq"')).toBe('redis://:***@cache and "amqp://u:***@mq"');
   });
 
-  it("leaves URLs without a password alone", () => {
-    const text = "GET http://localhost:8080/a?x=1 from user@example.com via https://user@host/";
+  it("leaves URLs without userinfo, and e-mail addresses, alone", () => {
+    const text = "GET http://localhost:8080/a?x=1 from user@example.com via https://host/path@x";
     expect(redactText(text)).toBe(text);
+  });
+
+  it("masks URL userinfo without a colon: it is a token", () => {
+    expect(redactText("cannot connect to NATS nats://s3cr3tT0ken@nats-1:4222")).toBe("cannot connect to NATS nats://***@nats-1:4222");
+    expect(redactText("clone https://ghp_abc@github.com/acme/x.git")).toBe("clone https://***@github.com/acme/x.git");
+  });
+
+  it("masks Bearer and Basic credentials wherever they stand", () => {
+    expect(redactText("sent Bearer eyJhbGciOi.J9-x_y~z to the target")).toBe("sent Bearer *** to the target");
+    expect(redactText("header Basic dXNlcjpwYXNz== rejected")).toBe("header Basic *** rejected");
+    expect(redactConfig({ headers: { "X-Upstream": "Bearer abc" } })).toEqual({ headers: { "X-Upstream": "Bearer ***" } });
+  });
+
+  it("masks Authorization and Cookie header lines, up to the end of the line", () => {
+    expect(redactText("Authorization: Digest username=u, response=abc\nAccept: */*")).toBe("Authorization: ***\nAccept: */*");
+    expect(redactText("cookie: sid=1; theme=dark")).toBe("cookie: ***");
+  });
+
+  it("masks JSON pairs under a secret-looking key, as a target that echoes the request writes them", () => {
+    const body = '{"headers":{"Authorization":"Token t0k","X-Api-Key":["k1","k2"],"Accept":"*/*"},"password":"a\\"b","user":"u"}';
+    expect(redactText(body)).toBe('{"headers":{"Authorization":"***","X-Api-Key":["***","k2"],"Accept":"*/*"},"password":"***","user":"u"}');
+  });
+
+  it("masks a quoted password without its closing quote to the end", () => {
+    expect(redactText("host=db password='never closed")).toBe("host=db password=***");
+  });
+
+  it("gets through long hostile input: every pattern scans in linear time", () => {
+    // Quadratic patterns need minutes for these (and block the event loop meanwhile); linear ones, milliseconds.
+    const inputs = ["a".repeat(400_000), `?${"token".repeat(80_000)}`, `"${"secret".repeat(70_000)}`, "password='".repeat(40_000)];
+    for (const input of inputs) expect(redactText(input).length).toBeGreaterThan(0);
   });
 
   it("masks password=... pairs of connection strings", () => {
@@ -130,7 +161,7 @@ describe("text redaction", () => {
   });
 
   it("is idempotent", () => {
-    const once = redactText("postgres://relay:s3cret@db/app?token=t password=x");
+    const once = redactText('postgres://relay:s3cret@db/app?token=t password=x nats://tok@h Bearer b {"token": "j"} Cookie: c');
     expect(redactText(once)).toBe(once);
   });
 });

@@ -213,6 +213,16 @@ describe("webhook sink", () => {
     expect(headers.get("x-tide-signature")).toBe(`sha256=${createHmac("sha256", "s3cret").update(body).digest("hex")}`);
   });
 
+  it("with timestamp_header, sends the unix time and signs \"<timestamp>.<body>\" (what the webhook source verifies)", async () => {
+    const sink = await open(webhookSink, { url: base(), signing: { scheme: "hmac-sha256", secret: "s3cret", timestamp_header: "X-Tide-Timestamp" } });
+    await sink.publish([message(1)]);
+    const { body, headers } = received[0]!;
+    const timestamp = headers.get("x-tide-timestamp")!;
+    expect(timestamp).toMatch(/^\d+$/);
+    expect(Math.abs(Number(timestamp) - Date.now() / 1000)).toBeLessThan(3600);
+    expect(headers.get("x-tide-signature")).toBe(`sha256=${createHmac("sha256", "s3cret").update(`${timestamp}.${body}`).digest("hex")}`);
+  });
+
   it("signs per Standard Webhooks with a whsec_ secret", async () => {
     const key = Buffer.from("a-32-byte-key-for-standard-hooks");
     const sink = await open(webhookSink, { url: base(), signing: { scheme: "standard-webhooks", secret: `whsec_${key.toString("base64")}` } });

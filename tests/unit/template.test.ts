@@ -63,6 +63,16 @@ describe("templates", () => {
     expect(() => compileTemplate("orders.{outbox")).toThrow('unclosed "{"');
   });
 
+  it("hands each substituted value, with its placeholder's name, to options.value and inserts what it returns", () => {
+    const seen: [string, string][] = [];
+    const rendered = renderTemplate("a.{topic}/{payload.region}.{{x}}", message(), {
+      value: (value, placeholder) => (seen.push([placeholder, value]), value.toUpperCase()),
+    });
+    expect(rendered).toBe("a.EU/WEST.{x}");
+    expect(seen).toEqual([["topic", "eu"], ["payload.region", "west"]]);
+    expect(() => renderTemplate("orders.{payload.region}", message(), { value: () => { throw new Error("refused"); } })).toThrow("refused");
+  });
+
   it("renderTemplate gives the same result as a compiled template and reports the same errors", () => {
     expect(renderTemplate("{outbox}.{payload.region}", message())).toBe("orders.west");
     expect(renderTemplate("{outbox}.{payload.region}", message({ outbox: "billing" }))).toBe("billing.west");
