@@ -13,35 +13,27 @@ import type { JSONValue } from "postgres";
 import { connect, type Sql } from "../../core/db.ts";
 import { preparePipeline } from "../../core/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { collectLines, readJsonl, spawnRelay, startRelay, waitFor } from "../support/relay.ts";
 
 setDefaultTimeout(60_000);
 
 const ROOT = join(import.meta.dir, "..", "..");
-const suffix = Math.random().toString(36).slice(2, 10);
-const ROLES = { relay: `tide_test_cel_relay_${suffix}`, publisher: `tide_test_cel_pub_${suffix}`, reader: `tide_test_cel_reader_${suffix}` };
 
 let db: TestDatabase;
 let dir: string;
-let urls: Record<keyof typeof ROLES, string>;
+let urls: Record<"relay" | "publisher" | "reader", string>;
 let publisher: Sql;
 let reader: Sql;
 
 beforeAll(async () => {
   db = await createTestDatabase();
   dir = await mkdtemp(join(tmpdir(), "tide-cel-"));
-  await db.sql.unsafe(`
-    CREATE ROLE ${ROLES.relay} LOGIN; GRANT tide_relay TO ${ROLES.relay};
-    CREATE ROLE ${ROLES.publisher} LOGIN; GRANT tide_publisher TO ${ROLES.publisher};
-    CREATE ROLE ${ROLES.reader} LOGIN; GRANT tide_reader TO ${ROLES.reader};`);
-  const as = (role: string) => {
-    const url = new URL(db.url);
-    url.username = role;
-    url.password = "";
-    return url.toString();
+  urls = {
+    relay: (await loginRole(db, "tide_relay", "cel_relay")).url,
+    publisher: (await loginRole(db, "tide_publisher", "cel_pub")).url,
+    reader: (await loginRole(db, "tide_reader", "cel_reader")).url,
   };
-  urls = { relay: as(ROLES.relay), publisher: as(ROLES.publisher), reader: as(ROLES.reader) };
   publisher = connect(urls.publisher, { max: 1 });
   reader = connect(urls.reader, { max: 1 });
 });
@@ -50,7 +42,6 @@ afterAll(async () => {
   await publisher?.end();
   await reader?.end();
   await db.drop();
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${ROLES.relay}, ${ROLES.publisher}, ${ROLES.reader}`).catch(() => {});
 });
 
 /** A forward pipeline from a new outbox to a JSONL file; returns the file. */

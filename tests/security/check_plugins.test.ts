@@ -8,12 +8,10 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 
 const ROOT = join(import.meta.dir, "..", "..");
 const SHOUT_FIXTURE = join(ROOT, "tests", "fixtures", "plugins", "shout_sink.js");
-const suffix = Math.random().toString(36).slice(2, 10);
-const RELAY_ROLE = `tide_test_check_relay_${suffix}`;
 
 let db: TestDatabase;
 let dir: string;
@@ -21,11 +19,7 @@ let relayUrl: string;
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  await db.sql.unsafe(`CREATE ROLE ${RELAY_ROLE} LOGIN; GRANT tide_relay TO ${RELAY_ROLE};`);
-  const url = new URL(db.url);
-  url.username = RELAY_ROLE;
-  url.password = "";
-  relayUrl = url.toString();
+  relayUrl = (await loginRole(db, "tide_relay", "check_relay")).url;
   dir = await mkdtemp(join(tmpdir(), "tide-check-plugins-"));
   // The shout fixture under a built-in type's name: a drop-in that would replace the stdout sink.
   await writeFile(join(dir, "loud_stdout.js"), `import shout from ${JSON.stringify(pathToFileURL(SHOUT_FIXTURE).href)};
@@ -37,7 +31,6 @@ export default { ...shout };
 });
 
 afterAll(async () => {
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}`);
   await db.drop();
   await rm(dir, { recursive: true, force: true });
 });

@@ -13,12 +13,13 @@ import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { Kafka, logLevel } from "kafkajs";
 import { connect, type Sql } from "../../core/db.ts";
 import type { OutboxMessage, PluginContext } from "../../core/plugin.ts";
+import { toJson } from "../../plugins/shared.ts";
 import type { Relay } from "../../core/relay.ts";
 import { kafkaSink } from "../../plugins/kafka/index.ts";
 import { natsSink } from "../../plugins/nats/index.ts";
 import webhookSink from "../../plugins/webhook/index.ts";
 import { collectNats, parseConfig, pluginContext } from "../support/plugins.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { startRelay, waitFor } from "../support/relay.ts";
 import { requireService } from "../support/services.ts";
 
@@ -33,7 +34,7 @@ const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slic
 const context = (overrides: Partial<PluginContext> = {}) => pluginContext("destinations-test", overrides);
 
 function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
-  return {
+  const fields = {
     id: BigInt(id),
     outbox: "orders",
     topic: null,
@@ -45,12 +46,11 @@ function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMess
     createdAt: new Date(),
     ...overrides,
   };
+  return { ...fields, payloadText: overrides.payloadText ?? toJson(fields.payload) };
 }
 
 describe.skipIf(!natsUp)("NATS subjects rendered by a running relay", () => {
   const suffix = token();
-  const RELAY_ROLE = `tide_test_dest_relay_${suffix}`;
-  const PUBLISHER_ROLE = `tide_test_dest_pub_${suffix}`;
   const prefix = `guard${suffix}`;
   const stream = `TIDE_GUARD_${suffix}`;
   let db: TestDatabase;
@@ -59,25 +59,16 @@ describe.skipIf(!natsUp)("NATS subjects rendered by a running relay", () => {
   let nc: NatsConnection;
   let jsm: JetStreamManager;
 
-  const as = (role: string) => {
-    const url = new URL(db.url);
-    url.username = role;
-    url.password = "";
-    return url.toString();
-  };
-
   beforeAll(async () => {
     nc = await connectNats({ servers: NATS_URL });
     jsm = await jetstreamManager(nc);
     await jsm.streams.add({ name: stream, subjects: [`${prefix}.>`] });
     db = await createTestDatabase();
-    await db.sql.unsafe(`CREATE ROLE ${RELAY_ROLE} LOGIN; GRANT tide_relay TO ${RELAY_ROLE};
-                         CREATE ROLE ${PUBLISHER_ROLE} LOGIN; GRANT tide_publisher TO ${PUBLISHER_ROLE};`);
     await db.sql`SELECT tide.outbox_create('events')`;
     // As configured today: the message's topic is the subject.
     await db.sql`SELECT tide.relay_set_outbox('events-out', 'events', 'nats', ${db.sql.json({ url: NATS_URL, subject_template: "{topic}" })})`;
-    publisher = connect(as(PUBLISHER_ROLE), { max: 1 });
-    relay = await startRelay(as(RELAY_ROLE));
+    publisher = connect((await loginRole(db, "tide_publisher", "dest_pub")).url, { max: 1 });
+    relay = await startRelay((await loginRole(db, "tide_relay", "dest_relay")).url);
   });
 
   afterAll(async () => {
@@ -85,7 +76,6 @@ describe.skipIf(!natsUp)("NATS subjects rendered by a running relay", () => {
     await publisher?.end();
     await jsm?.streams.delete(stream).catch(() => {});
     await nc?.close();
-    await db.sql.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}; DROP ROLE IF EXISTS ${PUBLISHER_ROLE};`);
     await db.drop();
   });
 

@@ -11,7 +11,7 @@ import { connect as connectNats, headers as natsHeaders, type NatsConnection } f
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { connect, type Sql } from "../../core/db.ts";
 import type { Relay } from "../../core/relay.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { startRelay, waitFor } from "../support/relay.ts";
 import { requireService } from "../support/services.ts";
 
@@ -20,7 +20,6 @@ setDefaultTimeout(60_000);
 const NATS_URL = "nats://127.0.0.1:4222";
 const natsUp = await requireService("nats", "127.0.0.1", 4222);
 const suffix = Math.random().toString(36).slice(2, 10);
-const RELAY_ROLE = `tide_test_ids_relay_${suffix}`;
 
 let db: TestDatabase;
 let relaySql: Sql;
@@ -36,17 +35,12 @@ async function eventIds(inbox: string): Promise<string[]> {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  await db.sql.unsafe(`CREATE ROLE ${RELAY_ROLE} LOGIN; GRANT tide_relay TO ${RELAY_ROLE};`);
-  const url = new URL(db.url);
-  url.username = RELAY_ROLE;
-  url.password = "";
-  relayUrl = url.toString();
+  relayUrl = (await loginRole(db, "tide_relay", "ids_relay")).url;
   relaySql = connect(relayUrl, { max: 1 });
 });
 
 afterAll(async () => {
   await relaySql?.end();
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}`);
   await db.drop();
 });
 

@@ -11,7 +11,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Relay } from "../../core/relay.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { collectLines, spawnRelay, startRelay, waitFor } from "../support/relay.ts";
 
 setDefaultTimeout(60_000);
@@ -19,7 +19,6 @@ setDefaultTimeout(60_000);
 const TOKEN = "3f9c1e0d7a5b4c2e8f6a1d0c9b7e5a3f";
 const SIGNING_SECRET = "ingest-signing-secret";
 const suffix = Math.random().toString(36).slice(2, 10);
-const RELAY_ROLE = `tide_test_http_relay_${suffix}`;
 const PROBES = ["/livez", "/readyz", "/health", "/metrics"];
 
 let db: TestDatabase;
@@ -41,11 +40,7 @@ async function inboxRows(inbox: string): Promise<unknown[]> {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  await db.sql.unsafe(`CREATE ROLE ${RELAY_ROLE} LOGIN; GRANT tide_relay TO ${RELAY_ROLE};`);
-  const url = new URL(db.url);
-  url.username = RELAY_ROLE;
-  url.password = "";
-  relayUrl = url.toString();
+  relayUrl = (await loginRole(db, "tide_relay", "http_relay")).url;
   await db.sql`SELECT tide.outbox_create('orders')`;
   await db.sql`SELECT tide.relay_set_outbox('orders-out', 'orders', 'stdout', '{"format": "json"}'::jsonb)`;
   await db.sql`SELECT tide.inbox_create('unsigned_events')`;
@@ -64,7 +59,6 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await relay?.stop();
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}`);
   await db.drop();
 });
 

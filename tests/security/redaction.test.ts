@@ -10,38 +10,26 @@ import { mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { connect, type Sql } from "../../core/db.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { captureLogger, startRelay, waitFor } from "../support/relay.ts";
 
 setDefaultTimeout(60_000);
 
 const ROOT = join(import.meta.dir, "..", "..");
-const suffix = Math.random().toString(36).slice(2, 10);
-const ROLES = { relay: `tide_test_redact_relay_${suffix}`, reader: `tide_test_redact_reader_${suffix}` };
 
 let db: TestDatabase;
-let urls: Record<keyof typeof ROLES, string>;
+let relayUrl: string;
 let reader: Sql;
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  await db.sql.unsafe(`
-    CREATE ROLE ${ROLES.relay} LOGIN; GRANT tide_relay TO ${ROLES.relay};
-    CREATE ROLE ${ROLES.reader} LOGIN; GRANT tide_reader TO ${ROLES.reader};`);
-  const as = (role: string) => {
-    const url = new URL(db.url);
-    url.username = role;
-    url.password = "";
-    return url.toString();
-  };
-  urls = { relay: as(ROLES.relay), reader: as(ROLES.reader) };
-  reader = connect(urls.reader, { max: 1 });
+  relayUrl = (await loginRole(db, "tide_relay", "redact_relay")).url;
+  reader = connect((await loginRole(db, "tide_reader", "redact_reader")).url, { max: 1 });
 });
 
 afterAll(async () => {
   await reader?.end();
   await db.drop();
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${ROLES.relay}, ${ROLES.reader}`).catch(() => {});
 });
 
 describe("relay_get_config and relay_list_configs, read by tide_reader", () => {
@@ -113,7 +101,7 @@ describe("a webhook target that echoes the request in its error response", () =>
       ${db.sql.json({ url: `http://127.0.0.1:${target.port}/in`, headers: { Authorization: `Bearer ${token}` } })})`;
     await db.sql`SELECT tide.outbox_publish('echo', '{"style": "json"}'::jsonb)`;
     await db.sql`SELECT tide.outbox_publish('echo', '{"style": "text"}'::jsonb)`;
-    const relay = await startRelay(urls.relay, { logger, relayGroupId: "echo" });
+    const relay = await startRelay(relayUrl, { logger, relayGroupId: "echo" });
     try {
       const letters = await waitFor("both messages in the dead-letter queue", async () => {
         const rows = await reader`SELECT error FROM tide.relay_dlq_list('echo-hook') ORDER BY id`;

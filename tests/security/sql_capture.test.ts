@@ -7,52 +7,38 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { connect, type Sql } from "../../core/db.ts";
-import { createTestDatabase, serverUrl, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { expectError } from "../support/seeds.ts";
 
 const SECRET = "whsec_capture_test_secret";
-const suffix = Math.random().toString(36).slice(2, 10);
-const roles = {
-  attacker: `tide_test_cap_attacker_${suffix}`,
-  alice: `tide_test_cap_alice_${suffix}`,
-  bob: `tide_test_cap_bob_${suffix}`,
-  writer: `tide_test_cap_writer_${suffix}`,
-};
+/** The LOGIN roles: three publishers, and a writer that holds no tide role at all. */
+const GRANTS = { attacker: "tide_publisher", alice: "tide_publisher", bob: "tide_publisher", writer: null } as const;
+type Name = keyof typeof GRANTS;
 
 let db: TestDatabase;
-const sessions: Record<keyof typeof roles, Sql> = {} as Record<keyof typeof roles, Sql>;
+const roles = {} as Record<Name, string>;
+const sessions = {} as Record<Name, Sql>;
 
 beforeAll(async () => {
   db = await createTestDatabase();
   await db.sql`SELECT tide.outbox_create('orders')`;
   await db.sql`SELECT tide.relay_set_outbox('orders-hook', 'orders', 'webhook',
     ${db.sql.json({ url: "https://hooks.example.com", signing: { secret: SECRET } })})`;
-  for (const name of ["attacker", "alice", "bob"] as const) {
-    await db.sql.unsafe(`CREATE ROLE ${roles[name]} LOGIN; GRANT tide_publisher TO ${roles[name]};`);
+  for (const name of Object.keys(GRANTS) as Name[]) {
+    const role = await loginRole(db, GRANTS[name], `cap_${name}`);
+    roles[name] = role.name;
+    // One connection each: temporary objects live in a session.
+    sessions[name] = connect(role.url, { max: 1 });
   }
-  await db.sql.unsafe(`CREATE ROLE ${roles.writer} LOGIN`); // no tide role at all
   await db.sql.unsafe(`
     CREATE TABLE alice_orders (id int PRIMARY KEY, total int);
     ALTER TABLE alice_orders OWNER TO ${roles.alice};
     GRANT INSERT ON alice_orders TO ${roles.writer};`);
-  for (const name of Object.keys(roles) as (keyof typeof roles)[]) {
-    const url = new URL(db.url);
-    url.username = roles[name];
-    url.password = "";
-    // One connection each: temporary objects live in a session.
-    sessions[name] = connect(url.toString(), { max: 1 });
-  }
 });
 
 afterAll(async () => {
   for (const session of Object.values(sessions)) await session.end();
   await db.drop();
-  const admin = connect(await serverUrl(), { max: 1 });
-  try {
-    for (const role of Object.values(roles)) await admin.unsafe(`DROP ROLE IF EXISTS ${role}`);
-  } finally {
-    await admin.end();
-  }
 });
 
 /** The messages of outbox "orders" whose topic is LIKE `topic`. */

@@ -6,10 +6,9 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { connect, type Sql } from "../../core/db.ts";
-import { createTestDatabase, serverUrl, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { catalogSnapshot, expectError } from "../support/seeds.ts";
 
-const RELAY_ROLE = `tide_test_inputs_relay_${Math.random().toString(36).slice(2, 10)}`;
 let db: TestDatabase;
 let relay: Sql;
 
@@ -22,24 +21,13 @@ beforeAll(async () => {
     SELECT tide.relay_set_outbox('orders-out', 'orders', 'stdout', '{}'::jsonb);
     SELECT tide.outbox_publish('orders', '{"n": 1}'::jsonb);
     SELECT * FROM tide.inbox_insert_batch('payments', '[{"event_id": "e-1", "payload": {"n": 1}}]'::jsonb);
-    CREATE TABLE customers (id int PRIMARY KEY);
-    CREATE ROLE ${RELAY_ROLE} LOGIN;
-    GRANT tide_relay TO ${RELAY_ROLE};`);
-  const url = new URL(db.url);
-  url.username = RELAY_ROLE;
-  url.password = "";
-  relay = connect(url.toString(), { max: 1 });
+    CREATE TABLE customers (id int PRIMARY KEY);`);
+  relay = connect((await loginRole(db, "tide_relay", "inputs_relay")).url, { max: 1 });
 });
 
 afterAll(async () => {
   await relay.end();
   await db.drop();
-  const admin = connect(await serverUrl(), { max: 1 });
-  try {
-    await admin.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}`);
-  } finally {
-    await admin.end();
-  }
 });
 
 /** Runs the failing call as the relay role, checks its message for `words`, and that the catalog did not move. */

@@ -10,13 +10,11 @@ import { createHmac } from "node:crypto";
 import type { Relay } from "../../core/relay.ts";
 import { webhookSource } from "../../plugins/webhook/source.ts";
 import { validateConfig } from "../support/plugins.ts";
-import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
+import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { captureLogger, startRelay, waitFor } from "../support/relay.ts";
 
 setDefaultTimeout(60_000);
 
-const suffix = Math.random().toString(36).slice(2, 10);
-const RELAY_ROLE = `tide_test_ingest_relay_${suffix}`;
 const HMAC_SECRET = "ingest-hmac-secret";
 const STRIPE_SECRET = "whsec_stripe_ingest_test";
 const GITHUB_SECRET = "github-ingest-secret";
@@ -64,10 +62,7 @@ function freshIdHeaders(n: number): Record<string, string>[] {
 
 beforeAll(async () => {
   db = await createTestDatabase();
-  await db.sql.unsafe(`CREATE ROLE ${RELAY_ROLE} LOGIN; GRANT tide_relay TO ${RELAY_ROLE};`);
-  const relayUrl = new URL(db.url);
-  relayUrl.username = RELAY_ROLE;
-  relayUrl.password = "";
+  const relayRole = await loginRole(db, "tide_relay", "ingest_relay");
   const sources: [string, Record<string, unknown>][] = [
     ["hmac", { scheme: "hmac-sha256", secret: HMAC_SECRET }],
     ["stamped", { scheme: "hmac-sha256", secret: HMAC_SECRET, header: "X-Sig", timestamp_header: "X-Tide-Timestamp", tolerance_seconds: TOLERANCE_SECONDS }],
@@ -82,13 +77,12 @@ beforeAll(async () => {
   }
   await db.sql`SELECT tide.inbox_create('open_events')`;
   await db.sql`SELECT tide.relay_set_inbox('open-in', 'open_events', ${db.sql.json({ source_type: "webhook", path: "open", allow_unsigned: true })})`;
-  relay = await startRelay(relayUrl.toString(), { metricsAddr: "127.0.0.1:0", logger: log.logger });
+  relay = await startRelay(relayRole.url, { metricsAddr: "127.0.0.1:0", logger: log.logger });
   base = `http://127.0.0.1:${relay.httpPort}`;
 });
 
 afterAll(async () => {
   await relay?.stop();
-  await db.sql.unsafe(`DROP ROLE IF EXISTS ${RELAY_ROLE}`);
   await db.drop();
 });
 

@@ -11,7 +11,9 @@ export interface TestDatabase {
   name: string;
   url: string;
   sql: Sql;
-  /** Closes every connection this helper opened and drops the database. */
+  /** The LOGIN roles loginRole() made for this database; drop() drops them. */
+  readonly roles: string[];
+  /** Closes every connection this helper opened, drops the database, then its LOGIN roles. */
   drop(): Promise<void>;
 }
 
@@ -43,20 +45,46 @@ export async function createTestDatabase(options: { install?: boolean } = {}): P
   const url = withDatabase(await serverUrl(), name);
   const sql = connect(url, { max: 8 });
   if (options.install !== false) await installSchema(sql);
+  const roles: string[] = [];
   return {
     name,
     url,
     sql,
+    roles,
     async drop() {
       await sql.end({ timeout: 5 });
       const admin = connect(await serverUrl(), { max: 1 });
       try {
         await admin.unsafe(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+        // Roles belong to the server, not the database: dropped last, once nothing they own is left.
+        for (const role of roles) await admin.unsafe(`DROP ROLE IF EXISTS ${role}`);
       } finally {
         await admin.end();
       }
     },
   };
+}
+
+export type TideRole = "tide_publisher" | "tide_reader" | "tide_relay";
+
+/**
+ * A new LOGIN role "tide_test_<label>_<random>" that holds only `grant` (no tide role when null),
+ * dropped by db.drop(); returns its name and a URL of the database that logs in as it.
+ */
+export async function loginRole(db: TestDatabase, grant: TideRole | null, label: string): Promise<{ name: string; url: string }> {
+  const name = `tide_test_${label}_${Math.random().toString(36).slice(2, 10)}`;
+  if (!/^[a-z0-9_]+$/.test(label) || name.length > 63) {
+    throw new Error(`loginRole: label "${label}" must be lower-case letters, digits and "_", at most ${63 - 19} characters`);
+  }
+  // A password, because not every server trusts local logins (the embedded PostgreSQL asks for one).
+  const password = Math.random().toString(36).slice(2, 14);
+  await db.sql.unsafe(`CREATE ROLE ${name} LOGIN PASSWORD '${password}'`);
+  db.roles.push(name);
+  if (grant) await db.sql.unsafe(`GRANT ${grant} TO ${name}`);
+  const url = new URL(db.url);
+  url.username = name;
+  url.password = password;
+  return { name, url: url.toString() };
 }
 
 export function withDatabase(url: string, database: string): string {
