@@ -3,7 +3,7 @@
 //
 //   scripts/kafka.sh start    # Kafka on 127.0.0.1:9092; NATS with JetStream must run on 127.0.0.1:4222
 //   ./node_modules/.bin/bun bench/brokers.ts [--messages 50000] [--batch 500] [--rate 500] [--seconds 20]
-//                                            [--runs 3] [--only drain|latency|reverse]
+//                                            [--runs 3] [--only drain|latency|reverse] [--sinks kafka,nats]
 //
 // Drain: a fresh database gets `--messages` messages of ~1 KiB (one INSERT ... SELECT, VACUUM
 // ANALYZE, CHECKPOINT), then `bun main.ts run` starts as a child process with its default flags and
@@ -279,7 +279,9 @@ const [kafkaVersion] = await (async () => {
 console.log(`${kafkaVersion}\nNATS: ${nc.info?.version ?? "?"} at ${NATS_URL}, JetStream`);
 console.log(`${MESSAGES} messages of ~1 KiB, batch_size ${BATCH}; latency at ${RATE} msg/s for ${SECONDS} s; ${RUNS} runs each\n`);
 
-const sinks: Sink[] = ["kafka", "nats"];
+const sinks: Sink[] = process.argv.includes("--sinks")
+  ? (process.argv[process.argv.indexOf("--sinks") + 1]!.split(",") as Sink[])
+  : ["kafka", "nats"];
 if (!ONLY || ONLY === "drain") {
   const runs: DrainRun[] = [];
   for (let round = 1; round <= RUNS; round++) {

@@ -1,95 +1,79 @@
-// Publish overhead: latency and throughput of a one-row transaction
-//   BEGIN; SELECT tide.outbox_publish('bench', <~1 KiB jsonb>, '{"event_type":"x"}'); COMMIT;
-// from 8 concurrent clients, for an outbox created with p_notify := false and with p_notify := true,
-// against the same transaction inserting into plain tables with the same columns (no tide).
+// Publish overhead: what `outbox_publish` and table capture add to the business transaction they
+// live in. pgbench runs each variant below from 8 clients (`-M prepared`), one transaction per
+// order; the variants are interleaved run by run, so that every run's figures come from the same
+// few seconds of a shared machine, and each variant is compared with "INSERT alone" of its own run.
 //
-//   ./node_modules/.bin/bun bench/publish.ts [--transactions 20000] [--clients 8] [--runs 3] [--driver postgresjs|pgbench]
-//                                            [--experiments]
+//   ./node_modules/.bin/bun bench/publish.ts [--seconds 10] [--clients 8] [--runs 5] [--payload-bytes 1024]
 //
-// driver postgresjs (default): 8 reserved postgres.js connections, each sending BEGIN, the statement
-// (prepared) and COMMIT as three awaited round trips, latency timed around all three.
-// driver pgbench: the same three statements as a pgbench script (-M prepared), latencies from its
-// per-transaction log. Each run starts from empty tables after a CHECKPOINT; the variants are
-// interleaved run by run, and the run with the median transactions/s is reported.
-// The notify variant runs with one session LISTENing on tide_outbox_notify, as a relay would.
-// Also measured: the 4-argument form (topic NULL), which skips the SQL-language 3-argument wrapper.
-// --experiments adds a candidate fix that exists only in the scratch database: the 3-argument
-// wrapper written in PL/pgSQL instead of SQL.
+// The variants separate what costs what: one more statement in the transaction (SELECT 1), the
+// outbox row itself (an INSERT into a plain table with tide's columns and indexes), and tide's
+// function around that row; and the same publish sent in one statement with the INSERT (a CTE). The
+// notify variant runs with one session LISTENing, as a relay would.
+// Reported per variant: median transactions/s, p50 and p99 latency (pgbench's per-transaction log),
+// the medians of the per-run ratios to "INSERT alone", and CPU per transaction of PostgreSQL (this
+// database's backends and the shared background processes) and of pgbench.
 
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import postgres from "postgres";
 import {
-  type CpuAccount, connectTo, describeMachine, fixed, intFlag, markdownTable, medianRun, payloadOfSize, scratchDatabase,
-  startCpuAccount, summarize, undisturbed, waitForQuiet,
+  connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, scratchDatabase, startCpuAccount, summarize,
+  waitForQuiet,
 } from "./support.ts";
 
-const TRANSACTIONS = intFlag("transactions", 20_000);
+const SECONDS = intFlag("seconds", 10);
 const CLIENTS = intFlag("clients", 8);
-const RUNS = intFlag("runs", 3);
-const WARMUP = 1_000;
-const DRIVER = process.argv.includes("--driver") ? process.argv[process.argv.indexOf("--driver") + 1] : "postgresjs";
-if (DRIVER !== "postgresjs" && DRIVER !== "pgbench") throw new Error("--driver must be postgresjs or pgbench");
+const RUNS = intFlag("runs", 5);
+const PAYLOAD_BYTES = intFlag("payload-bytes", 1024);
+const WARMUP_SECONDS = 2;
 
-// postgres.js sends a jsonb parameter as JSON.stringify(value): pass objects, not JSON text.
-const PAYLOAD = payloadOfSize(1024);
-const HEADERS = { event_type: "x" };
-const PAYLOAD_BYTES = JSON.stringify(PAYLOAD).length;
+const PAYLOAD = JSON.stringify(payloadOfSize(PAYLOAD_BYTES));
+const HEADERS = JSON.stringify({ event_type: "order.created" });
+const literal = (text: string) => `'${text.replaceAll("'", "''")}'`;
+const ORDER = "INSERT INTO orders (customer_id, total, status) VALUES (42, 149.99, 'new')";
 
 interface Variant {
   name: string;
-  /** The middle statement, with $1 = payload and $2 = headers. */
-  statement: string;
-  /** Table(s) to empty before a run. */
-  truncate: string;
+  /** The statements between BEGIN and COMMIT. */
+  statements: string[];
   listen?: boolean;
 }
 
+const BASELINE = "INSERT alone";
 const VARIANTS: Variant[] = [
+  { name: BASELINE, statements: [ORDER] },
+  { name: "INSERT + SELECT 1 (one more statement)", statements: [ORDER, "SELECT 1"] },
   {
-    name: "plain table, primary key only",
-    statement: "INSERT INTO bench_plain (outbox, payload, headers) VALUES ('bench', $1::jsonb, $2::jsonb)",
-    truncate: "bench_plain",
+    name: "INSERT + INSERT into a plain table shaped like the outbox",
+    statements: [ORDER, `INSERT INTO plain_outbox (outbox, payload, headers) VALUES ('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
   },
   {
-    name: "plain table, tide's indexes",
-    statement: "INSERT INTO bench_indexed (outbox, payload, headers) VALUES ('bench', $1::jsonb, $2::jsonb)",
-    truncate: "bench_indexed",
+    name: "INSERT + outbox_publish (3 arguments)",
+    statements: [ORDER, `SELECT tide.outbox_publish('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
   },
   {
-    name: "tide.outbox_publish, p_notify := false",
-    statement: "SELECT tide.outbox_publish('bench', $1::jsonb, $2::jsonb)",
-    truncate: "tide.outbox_messages",
+    name: "INSERT + outbox_publish (4 arguments, topic)",
+    statements: [ORDER, `SELECT tide.outbox_publish('bench', 'orders', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
   },
   {
-    name: "tide.outbox_publish 4-arg (topic NULL), p_notify := false",
-    statement: "SELECT tide.outbox_publish('bench', NULL::text, $1::jsonb, $2::jsonb)",
-    truncate: "tide.outbox_messages",
+    name: "INSERT and outbox_publish in one statement",
+    statements: [`WITH o AS (${ORDER} RETURNING id) SELECT tide.outbox_publish('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb) FROM o`],
   },
   {
-    name: "tide.outbox_publish, p_notify := true",
-    statement: "SELECT tide.outbox_publish('bench_notify', $1::jsonb, $2::jsonb)",
-    truncate: "tide.outbox_messages",
+    name: "INSERT + outbox_publish, p_notify := true",
+    statements: [ORDER, `SELECT tide.outbox_publish('bench_notify', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
     listen: true,
   },
+  { name: "INSERT into a captured table", statements: [ORDER.replace("orders", "captured_orders")] },
 ];
-if (process.argv.includes("--experiments")) {
-  VARIANTS.push({
-    name: "experiment: 3-arg wrapper in PL/pgSQL, p_notify := false",
-    statement: "SELECT public.publish_plpgsql_wrapper('bench', $1::jsonb, $2::jsonb)",
-    truncate: "tide.outbox_messages",
-  });
-}
 
 interface Run {
   variant: string;
+  round: number;
   tps: number;
-  mean: number;
   p50: number;
   p99: number;
-  max: number;
-  /** PostgreSQL CPU (all backends) per transaction, µs; and the same for the client (bench or pgbench). */
+  /** CPU per transaction, µs: PostgreSQL, and pgbench. */
   serverUs: number;
   clientUs: number;
   otherCores: number;
@@ -99,140 +83,105 @@ const db = await scratchDatabase("publish");
 const sql = connectTo(db.url, 2);
 try {
   console.log(await describeMachine());
-  console.log(`driver ${DRIVER}, ${CLIENTS} clients, ${TRANSACTIONS} transactions per run, ${RUNS} runs, payload ${PAYLOAD_BYTES} bytes of JSON\n`);
-  await setUp(sql);
+  console.log(`pgbench -M prepared, ${CLIENTS} clients, ${SECONDS} s per run (after ${WARMUP_SECONDS} s of warm-up), ` +
+    `${RUNS} runs, payload ${PAYLOAD.length} bytes of JSON\n`);
+  await setUp();
   const runs: Run[] = [];
   for (let round = 1; round <= RUNS; round++) {
     for (const variant of VARIANTS) {
-      const run = await undisturbed(() => measure(variant));
+      const run = { ...(await measure(variant)), round };
       runs.push(run);
       console.log(
-        `run ${round} ${variant.name}: ${fixed(run.tps, 0)} tx/s, p50 ${fixed(run.p50, 2)} ms, p99 ${fixed(run.p99, 2)} ms, ` +
-          `CPU per tx: PostgreSQL ${fixed(run.serverUs, 0)} µs, client ${fixed(run.clientUs, 0)} µs; other processes ${fixed(run.otherCores, 2)} cores`,
+        `run ${round} ${variant.name}: ${fixed(run.tps, 0)} tx/s, p50 ${fixed(run.p50, 3)} ms, p99 ${fixed(run.p99, 2)} ms, ` +
+          `CPU per tx: PostgreSQL ${fixed(run.serverUs, 0)} µs, pgbench ${fixed(run.clientUs, 0)} µs; other processes ${fixed(run.otherCores, 2)} cores`,
       );
     }
   }
-  const rows = VARIANTS.map((variant) => {
-    const own = runs.filter((r) => r.variant === variant.name);
-    const median = medianRun(own, (r) => r.tps);
-    const spread = `${fixed(Math.min(...own.map((r) => r.tps)), 0)}–${fixed(Math.max(...own.map((r) => r.tps)), 0)}`;
-    return [variant.name, fixed(median.tps, 0), spread, fixed(median.mean, 2), fixed(median.p50, 2), fixed(median.p99, 2),
-      fixed(median.max, 1), fixed(median.serverUs, 0), fixed(median.otherCores, 2)];
-  });
-  console.log(`\n${markdownTable(["variant", "tx/s", "tx/s range of runs", "mean ms", "p50 ms", "p99 ms", "max ms",
-    "PostgreSQL CPU µs/tx", "other load (cores)"], rows)}`);
+  console.log(`\n${report(runs)}`);
 } finally {
   await sql.end();
   await db.drop();
 }
 
-async function setUp(sql: postgres.Sql) {
-  const columns = `id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, outbox text NOT NULL, topic text,
-    payload jsonb NOT NULL, headers jsonb NOT NULL DEFAULT '{}', txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    created_at timestamptz NOT NULL DEFAULT now()`;
-  await sql.unsafe(`CREATE TABLE bench_plain (${columns})`);
-  await sql.unsafe(`CREATE TABLE bench_indexed (${columns})`);
-  await sql.unsafe("CREATE INDEX ON bench_indexed (outbox, txid, id)");
-  await sql.unsafe("CREATE INDEX ON bench_indexed (outbox, id)");
-  await sql`SELECT tide.outbox_create('bench', p_notify := false)`;
-  await sql`SELECT tide.outbox_create('bench_notify', p_notify := true)`;
-  // Same signature, privileges and search_path pinning as tide's 3-argument overload, other language.
-  await sql.unsafe(`
-    CREATE FUNCTION public.publish_plpgsql_wrapper(p_outbox text, p_payload jsonb, p_headers jsonb DEFAULT '{}')
-    RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    BEGIN
-      RETURN tide.outbox_publish(p_outbox, NULL::text, p_payload, p_headers);
-    END $$`);
+/** One row per variant: medians over the runs, and the medians of the per-run differences to the baseline. */
+function report(runs: Run[]): string {
+  const median = (values: number[]) => summarize(values).p50;
+  const range = (values: number[], digits: number) =>
+    `${fixed(Math.min(...values), digits)}–${fixed(Math.max(...values), digits)}`;
+  const baseline = (round: number) => runs.find((r) => r.round === round && r.variant === BASELINE)!;
+  const rows = VARIANTS.map((variant) => {
+    const own = runs.filter((r) => r.variant === variant.name);
+    const p50Added = own.map((r) => r.p50 - baseline(r.round).p50);
+    const tpsRatio = own.map((r) => r.tps / baseline(r.round).tps);
+    const cpuAdded = own.map((r) => r.serverUs + r.clientUs - baseline(r.round).serverUs - baseline(r.round).clientUs);
+    return [
+      variant.name, fixed(median(own.map((r) => r.tps)), 0), fixed(median(own.map((r) => r.p50)), 3),
+      fixed(median(own.map((r) => r.p99)), 2), `${fixed(median(p50Added), 3)} (${range(p50Added, 3)})`,
+      `${fixed(median(tpsRatio), 2)} (${range(tpsRatio, 2)})`, fixed(median(own.map((r) => r.serverUs)), 0),
+      fixed(median(own.map((r) => r.clientUs)), 0), fixed(median(cpuAdded), 0), range(own.map((r) => r.otherCores), 2),
+    ];
+  });
+  return markdownTable([
+    "variant", "tx/s", "p50 ms", "p99 ms", "p50 added, ms (range)", "tx/s ratio (range)", "PostgreSQL CPU µs/tx",
+    "pgbench CPU µs/tx", "CPU added µs/tx", "other load (cores)",
+  ], rows);
 }
 
-async function measure(variant: Variant): Promise<Run> {
-  await sql.unsafe(`TRUNCATE ${variant.truncate}`);
+async function setUp() {
+  const order = `(id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, customer_id int NOT NULL, total numeric(10,2),
+    status text, created_at timestamptz NOT NULL DEFAULT now())`;
+  await sql.unsafe(`CREATE TABLE orders ${order}`);
+  await sql.unsafe(`CREATE TABLE captured_orders ${order}`);
+  // The same columns, defaults and indexes as tide.outbox_messages.
+  await sql.unsafe(`CREATE TABLE plain_outbox (LIKE tide.outbox_messages INCLUDING ALL)`);
+  await sql`SELECT tide.outbox_create('bench', p_notify := false)`;
+  await sql`SELECT tide.outbox_create('bench_notify', p_notify := true)`;
+  await sql`SELECT tide.outbox_create('changes', p_notify := false)`;
+  await sql`SELECT tide.capture_table('captured_orders', 'changes')`;
+}
+
+async function measure(variant: Variant): Promise<Omit<Run, "round">> {
+  await sql.unsafe("TRUNCATE orders, captured_orders, plain_outbox, tide.outbox_messages");
   await sql.unsafe("CHECKPOINT");
   const listener = variant.listen ? connectTo(db.url, 1) : undefined;
-  let notified = 0;
-  if (listener) await listener.listen("tide_outbox_notify", () => void notified++);
+  if (listener) await listener.listen("tide_outbox_notify", () => {});
   try {
-    await waitForQuiet();
-    const cpu = await startCpuAccount(undefined, { database: db.name });
-    const { latencies, seconds } = DRIVER === "pgbench" ? await viaPgbench(variant, cpu) : await viaPostgresJs(variant);
-    const used = cpu.read();
-    const s = summarize(latencies);
-    if (listener) console.log(`  (the listening session received ${notified} notifications)`);
-    const all = TRANSACTIONS + WARMUP; // the CPU account covers the warm-up too
-    return {
-      variant: variant.name, tps: latencies.length / seconds, mean: s.mean, p50: s.p50, p99: s.p99, max: s.max,
-      serverUs: (used.postgres / all) * 1e6, clientUs: ((used.bench + used.children) / all) * 1e6,
-      otherCores: used.others / used.wallSeconds,
-    };
+    await waitForQuiet(0.5, 15_000); // the machine is shared: a calmer moment if one comes soon
+    const dir = mkdtempSync(join(tmpdir(), "tide-bench-"));
+    try {
+      writeFileSync(join(dir, "tx.sql"), ["BEGIN;", ...variant.statements.map((s) => `${s};`), "COMMIT;", ""].join("\n"));
+      const url = new URL(db.url);
+      const base = ["pgbench", "-n", "-M", "prepared", "-h", url.hostname, "-p", url.port || "5432", "-U", url.username,
+        "-c", String(CLIENTS), "-j", "2", "-f", join(dir, "tx.sql")];
+      await pgbench([...base, "-T", String(WARMUP_SECONDS), db.name], dir);
+      const cpu = await startCpuAccount(undefined, { database: db.name });
+      cpu.addExitedChild(await pgbench([...base, "-T", String(SECONDS), "-l", "--log-prefix", join(dir, "log"), db.name], dir));
+      const used = cpu.read();
+      const latencies = readLatencies(dir);
+      const s = summarize(latencies);
+      return {
+        variant: variant.name, tps: latencies.length / SECONDS, p50: s.p50, p99: s.p99,
+        serverUs: (used.postgres / latencies.length) * 1e6, clientUs: ((used.bench + used.children) / latencies.length) * 1e6,
+        otherCores: used.others / used.wallSeconds,
+      };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   } finally {
     await listener?.end();
   }
 }
 
-/** Per-transaction latencies in ms and the wall time of the measured part in seconds. */
-async function viaPostgresJs(variant: Variant): Promise<{ latencies: number[]; seconds: number }> {
-  const pool = connectTo(db.url, CLIENTS);
-  try {
-    const clients = await Promise.all(Array.from({ length: CLIENTS }, () => pool.reserve()));
-    const transact = async (client: postgres.ReservedSql) => {
-      await client`BEGIN`;
-      await client.unsafe(variant.statement, [PAYLOAD as never, HEADERS as never], { prepare: true });
-      await client`COMMIT`;
-    };
-    const loop = async (client: postgres.ReservedSql, count: number, into?: number[]) => {
-      for (let i = 0; i < count; i++) {
-        const start = performance.now();
-        await transact(client);
-        into?.push(performance.now() - start);
-      }
-    };
-    await Promise.all(clients.map((c) => loop(c, WARMUP / CLIENTS)));
-    const perClient = clients.map(() => [] as number[]);
-    const start = performance.now();
-    await Promise.all(clients.map((c, i) => loop(c, Math.ceil(TRANSACTIONS / CLIENTS), perClient[i])));
-    const seconds = (performance.now() - start) / 1000;
-    for (const c of clients) c.release();
-    return { latencies: perClient.flat(), seconds };
-  } finally {
-    await pool.end({ timeout: 1 });
-  }
-}
-
-async function viaPgbench(variant: Variant, cpu: CpuAccount): Promise<{ latencies: number[]; seconds: number }> {
-  const dir = mkdtempSync(join(tmpdir(), "tide-bench-"));
-  try {
-    // pgbench has no parameters for literals: the payload goes into the script, quoted.
-    const literal = (text: string) => `'${text.replaceAll("'", "''")}'`;
-    const statement = variant.statement
-      .replace("$1", literal(JSON.stringify(PAYLOAD)))
-      .replace("$2", literal(JSON.stringify(HEADERS)));
-    writeFileSync(join(dir, "tx.sql"), `BEGIN;\n${statement};\nCOMMIT;\n`);
-    const url = new URL(db.url);
-    const base = ["pgbench", "-n", "-M", "prepared", "-h", url.hostname, "-p", url.port || "5432", "-U", url.username,
-      "-c", String(CLIENTS), "-j", "2", "-f", join(dir, "tx.sql"), db.name];
-    // Asynchronous spawn: the LISTEN session in this process must keep reading while pgbench runs.
-    cpu.addExitedChild(await pgbench([...base.slice(0, -1), "-t", String(WARMUP / CLIENTS), db.name], dir));
-    cpu.addExitedChild(await pgbench([...base.slice(0, -1), "-t", String(Math.ceil(TRANSACTIONS / CLIENTS)), "-l",
-      "--log-prefix", join(dir, "log"), db.name], dir));
-    // Log lines: client_id transaction_no latency_us script_no epoch_s epoch_us.
-    const latencies: number[] = [];
-    let first = Infinity;
-    let last = 0;
-    for (const file of readdirSync(dir).filter((f) => f.startsWith("log"))) {
-      for (const line of readFileSync(join(dir, file), "utf8").split("\n")) {
-        const f = line.split(" ");
-        if (f.length < 6) continue;
-        const latencyMs = Number(f[2]) / 1000;
-        const endMs = Number(f[4]) * 1000 + Number(f[5]) / 1000;
-        latencies.push(latencyMs);
-        first = Math.min(first, endMs - latencyMs);
-        last = Math.max(last, endMs);
-      }
+/** Per-transaction latencies in ms from pgbench's logs (client_id transaction_no latency_us ...). */
+function readLatencies(dir: string): number[] {
+  const latencies: number[] = [];
+  for (const file of readdirSync(dir).filter((f) => f.startsWith("log"))) {
+    for (const line of readFileSync(join(dir, file), "utf8").split("\n")) {
+      const fields = line.split(" ");
+      if (fields.length >= 6) latencies.push(Number(fields[2]) / 1000);
     }
-    return { latencies, seconds: (last - first) / 1000 };
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
   }
+  return latencies;
 }
 
 /** Runs pgbench; returns the CPU seconds it used. */
@@ -242,3 +191,4 @@ async function pgbench(argv: string[], cwd: string): Promise<number> {
   if (code !== 0) throw new Error(`pgbench failed: ${stderr}`);
   return Number(child.resourceUsage()?.cpuTime.total ?? 0) / 1e6; // µs
 }
+

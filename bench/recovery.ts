@@ -3,7 +3,7 @@
 // measured for this checkout and, in the same run, for another tree given with --baseline DIR (an
 // older commit checked out with `git worktree add`), so the comparison shares the machine's noise.
 //
-//   ./node_modules/.bin/bun bench/recovery.ts [--runs 3] [--down-seconds 44] [--baseline DIR]
+//   [BASELINE_LABEL=c55745a] ./node_modules/.bin/bun bench/recovery.ts [--runs 3] [--down-seconds 44] [--baseline DIR]
 //
 // The PostgreSQL is a private embedded one (it is stopped and started). The webhook target is a
 // Bun.serve in this process recording each Idempotency-Key. Times are from this process's clock.
@@ -125,7 +125,7 @@ async function lockLoss(tree: Tree, url: string): Promise<{ duplicates: number; 
 
 async function main() {
   const trees: Tree[] = [{ label: "this checkout", dir: HERE }];
-  if (BASELINE) trees.push({ label: `baseline (${BASELINE})`, dir: BASELINE });
+  if (BASELINE) trees.push({ label: process.env.BASELINE_LABEL ?? "baseline", dir: BASELINE });
   console.log(await describeMachine());
   const pg = await startRestartablePostgres();
   // Each tree installs its own schema (an older relay refuses a newer schema) in a database of its own.

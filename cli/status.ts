@@ -1,10 +1,11 @@
-// `pg-tide status`: pipelines, owners, health, lag and DLQ depth, read from the catalog.
+// `pg-tide status`: pipelines, owners, health, lag and DLQ depth, read from the catalog, and the
+// consumer groups no pipeline reads (they keep their waiting messages from the retention sweep).
 
 import { ConfigError } from "../core/errors.ts";
 import { connect, verifyConnection } from "../core/db.ts";
 import { redactText } from "../core/redact.ts";
 import { writeStdout } from "../core/runtime.ts";
-import { pipelineStatus, type PipelineStatus } from "../core/status.ts";
+import { pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "../core/status.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 
 const FLAGS = {
@@ -17,7 +18,9 @@ const FLAGS = {
 export const STATUS_HELP = formatHelp(
   "pg-tide status --postgres-url URL [--relay-group-id ID] [--output text|json]",
   "Shows every pipeline: direction, source and target, owner, health, position (forward), lag\n" +
-    "(forward: undelivered outbox messages; reverse: unprocessed inbox rows), DLQ depth and last error.",
+    "(forward: undelivered outbox messages; reverse: unprocessed inbox rows), DLQ depth and last error;\n" +
+    "then the consumer groups no pipeline reads that have messages waiting, which the retention sweep\n" +
+    "keeps until they are read or the group is dropped.",
   FLAGS,
 );
 
@@ -36,7 +39,12 @@ export async function statusCommand(args: string[]): Promise<number> {
     await verifyConnection(sql, url);
     const rows = await pipelineStatus(sql, flags["relay-group-id"]!);
     for (const row of rows) if (row.last_error) row.last_error = redactText(row.last_error);
-    writeStdout(flags.output === "json" ? JSON.stringify({ pipelines: rows }, null, 2) + "\n" : table(rows));
+    const unread = await unreadConsumerGroups(sql);
+    writeStdout(
+      flags.output === "json"
+        ? JSON.stringify({ pipelines: rows, unread_consumer_groups: unread }, null, 2) + "\n"
+        : table(rows) + unreadTable(unread),
+    );
     return 0;
   } finally {
     await sql.end({ timeout: 5 });
@@ -46,7 +54,7 @@ export async function statusCommand(args: string[]): Promise<number> {
 function table(rows: PipelineStatus[]): string {
   if (rows.length === 0) return "no pipelines (create one with tide.relay_set_outbox or tide.relay_set_inbox)\n";
   const header = ["PIPELINE", "DIRECTION", "FROM", "TO", "STATE", "OWNER", "POSITION", "LAG", "DLQ", "LAST ERROR"];
-  const body = rows.map((r) => [
+  return columns(header, rows.map((r) => [
     r.name,
     r.direction,
     r.direction === "forward" ? r.outbox ?? "" : r.plugin_type,
@@ -57,7 +65,25 @@ function table(rows: PipelineStatus[]): string {
     lag(r),
     String(r.dlq_depth),
     (r.last_error ?? "").slice(0, 60),
-  ]);
+  ]));
+}
+
+// A deleted pipeline's group stays (so that the pipeline, created again, resumes where it stopped):
+// nothing moves it any more, and the retention sweep keeps every message after it.
+function unreadTable(groups: UnreadConsumerGroup[]): string {
+  if (groups.length === 0) return "";
+  const header = ["OUTBOX", "GROUP", "RELAY GROUP", "WAITING", "POSITION MOVED", "TO DROP IT"];
+  return "\nconsumer groups no pipeline reads: the retention sweep keeps their waiting messages until an " +
+    "application reads them or the group is dropped\n" +
+    columns(header, groups.map((g) => [g.outbox, g.group, g.relay_group_id, String(g.lag), g.position_moved_at.toISOString(),
+      `SELECT tide.drop_consumer_group(${quote(g.group)}, ${quote(g.outbox)});`]));
+}
+
+function quote(name: string): string {
+  return `'${name.replaceAll("'", "''")}'`;
+}
+
+function columns(header: string[], body: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)));
   return [header, ...body].map((row) => row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd()).join("\n") + "\n";
 }

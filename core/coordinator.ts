@@ -21,6 +21,7 @@ import type { HttpRoutes } from "./plugin.ts";
 import type { PluginRegistry } from "./plugins.ts";
 import { TIMED_OUT, within } from "./backoff.ts";
 import { failpoint } from "./failpoints.ts";
+import { IdleProbe } from "./idle_probe.ts";
 import { redactText } from "./redact.ts";
 
 export interface CoordinatorOptions {
@@ -77,6 +78,8 @@ export interface OwnedPipeline {
 export class Coordinator {
   readonly #options: CoordinatorOptions;
   readonly #log: Logger;
+  /** Tells waiting forward pipelines when they have something to read (one query for all of them). */
+  readonly #probe: IdleProbe;
   readonly #workers = new Map<string, PipelineWorker>();
   /** Pipelines whose worker failed to start, with the config version that failed. */
   readonly #broken = new Map<string, number>();
@@ -97,6 +100,7 @@ export class Coordinator {
   constructor(options: CoordinatorOptions) {
     this.#options = options;
     this.#log = options.logger.child({ relay: options.relayId });
+    this.#probe = new IdleProbe(options.sql, options.relayGroupId, this.#log);
   }
 
   owned(): OwnedPipeline[] {
@@ -127,8 +131,11 @@ export class Coordinator {
     return (this.#workers.has(name) || this.#draining.has(name)) && (await this.#verify());
   }
 
-  /** A worker's acknowledgement was refused: the position moved under it. Check ownership now. */
-  staleAck(): void {
+  /**
+   * A worker has reason to doubt ownership (its acknowledgement was refused: the position moved under
+   * it; or the database failed it): check the lock session now rather than at the next tick.
+   */
+  doubtOwnership(): void {
     void this.#verify();
   }
 
@@ -163,6 +170,7 @@ export class Coordinator {
     // A reconcile waiting on a server that went away must not hold the stop up.
     await within(this.#reconciling ?? Promise.resolve(), LOCK_CHECK_TIMEOUT_MS);
     await Promise.all([...this.#workers.keys()].map((name) => this.#release(name, { unlock: false })));
+    this.#probe.stop();
     await within(Promise.all(this.#unlisten.map((unlisten) => unlisten().catch(() => {}))), 1_000);
     // Closing the session releases every lock at once; a dead server cannot hold the stop up.
     await this.#closeSession();
@@ -197,7 +205,7 @@ export class Coordinator {
   }
 
   async #startWorker(row: PipelineRow, locks: Sql): Promise<void> {
-    const hooks = { staleAck: () => this.staleAck(), stillOwner: () => this.stillOwns(row.name) };
+    const hooks = { doubtOwnership: () => this.doubtOwnership(), stillOwner: () => this.stillOwns(row.name), probe: this.#probe };
     const worker: PipelineWorker = row.direction === "forward"
       ? new ForwardWorker(row, { ...this.#options, ...hooks })
       : new ReverseWorker(row, { ...this.#options, ...hooks });

@@ -5,6 +5,7 @@
 import { type ASTNode, Environment } from "@marcbachmann/cel-js";
 import type { RE2JS } from "re2js";
 import { ConfigError, TideError, toError } from "./errors.ts";
+import { JsonNumber } from "./json.ts";
 import { costProblem, FILTER_VARIABLES, MAX_FILTER_TERMS, RE2_MATCHES } from "./filter_cost.ts";
 
 /** What a filter expression can see. */
@@ -53,7 +54,9 @@ export interface FilterFn {
  * JSON numbers: CEL keeps int and double apart. Integral JSON numbers are handed to CEL as int
  * and the others as double, so `payload.qty == 2`, `payload.qty % 2 == 0` and `payload.total > 100`
  * work as written (comparisons mix int and double freely). Arithmetic does not mix: for a field
- * that may be fractional write `double(payload.price) * 1.2`.
+ * that may be fractional write `double(payload.price) * 1.2`. Integers beyond 2^53 keep every digit
+ * (the payload is parsed losslessly), so `payload.id == 9007199254740993` is exact; other numbers
+ * are doubles, as in CEL.
  */
 export function compileFilter(expression: string, where: string, options: FilterOptions = {}): FilterFn {
   const run = parseChecked(expression, where);
@@ -198,9 +201,12 @@ function filterError(where: string, expression: string, problem: string, cause?:
   return new TideError(`${where}: filter "${expression}" ${problem}`, { code: "filter", retriable: false, cause });
 }
 
-// Integral numbers become BigInt (CEL int). Plain objects and arrays are copied on the way, so the
-// caller's message is never changed; anything else (Dates, class instances) passes through.
+// Integral numbers become BigInt (CEL int); integers beyond 2^53 arrive as BigInt already, other
+// numbers a double cannot hold exactly as JsonNumber (its nearest double here). Plain objects and
+// arrays are copied on the way, so the caller's message is never changed; anything else (Dates,
+// class instances) passes through.
 function toCelValue(value: unknown): unknown {
+  if (value instanceof JsonNumber) return toCelValue(value.valueOf());
   if (typeof value === "number") return Number.isSafeInteger(value) ? BigInt(value) : value;
   if (typeof value !== "object" || value === null) return value;
   if (Array.isArray(value)) return value.map(toCelValue);

@@ -2,6 +2,11 @@
 // retry what failed, dead-letter what cannot be delivered, and only then move the position.
 // The position moves after the sink acknowledged, so a crash re-delivers at most one batch.
 //
+// While the sink publishes a full batch, the next one is read ahead, from the position this one's
+// acknowledgement will leave (tide.consumer_read_ahead, read-only), and used only once this one is
+// acknowledged in full. A worker with nothing to read waits for the relay's shared probe (or a
+// NOTIFY) to say there is something, rather than polling its outbox by itself.
+//
 // Every batch carries the fence it was read under (interval, cursor, rewind generation) and its
 // acknowledgement is a compare-and-set on them (tide.consumer_commit): an acknowledgement that
 // arrives late, from a relay that lost its lock or a process that was paused, is refused instead of
@@ -9,6 +14,7 @@
 // or aborted.
 
 import type { Sql } from "./db.ts";
+import type { IdleProbe } from "./idle_probe.ts";
 import { backoffDelay, sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
 import { failpoint, failpointEnabled } from "./failpoints.ts";
 import { ConfigError } from "./errors.ts";
@@ -21,7 +27,8 @@ import type { OutboxMessage, SinkInstance } from "./plugin.ts";
 import { preparePipeline } from "./pipeline_config.ts";
 import { redactText } from "./redact.ts";
 import { pluginContext, type PluginRegistry } from "./plugins.ts";
-import { eventTypeOf, opOf } from "./template.ts";
+import { parseJson } from "./json.ts";
+import { outboxMessage } from "./message.ts";
 
 export interface PipelineRow {
   name: string;
@@ -47,8 +54,10 @@ export interface ForwardOptions {
   relayGroupId: string;
   pollIntervalMs: number;
   events?: RelayEvents;
-  /** Called when an acknowledgement was refused as stale (the coordinator re-checks ownership). */
-  staleAck?: () => void;
+  /** Called when an acknowledgement was refused as stale or the database failed a read (the coordinator re-checks ownership). */
+  doubtOwnership?: () => void;
+  /** Checks for waiting pipelines whether they have something to read; without it, a waiting worker polls. */
+  probe?: IdleProbe;
 }
 
 /** Retrying a failed read or acknowledgement: the database is back within a second of its return. */
@@ -63,8 +72,20 @@ interface Fence {
   generation: bigint;
 }
 
+/** A batch as read, with its fence. */
+interface Batch {
+  messages: OutboxMessage[];
+  fence: Fence;
+}
+
 /** 0: retry a transiently failing message until it is delivered (webhooks: "until 2xx"). */
 export const DEFAULT_MAX_ATTEMPTS = 0;
+
+/**
+ * How long a worker that the probe watches waits before reading by itself anyway: a safety net, not
+ * the way it learns of new messages (the probe, or a NOTIFY, wakes it at once).
+ */
+const PROBED_WAIT_MS = 60_000;
 
 export class ForwardWorker {
   readonly status: WorkerStatus;
@@ -88,6 +109,8 @@ export class ForwardWorker {
   #fenced = false;
   #databaseFailures = 0;
   #redeliverDeadLetters = true;
+  /** When this worker last read a batch (Date.now()): the probe checks a recently busy pipeline often. */
+  #busyAt = 0;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
     this.#row = row;
@@ -167,6 +190,8 @@ export class ForwardWorker {
   async #run(): Promise<void> {
     const stop = this.#stopping.signal;
     await this.#connect();
+    // The batch after the one just acknowledged, read while that one was being delivered.
+    let ahead: Promise<Batch | undefined> | undefined;
     while (!stop.aborted) {
       try {
         if (this.#redeliverDeadLetters) {
@@ -184,27 +209,80 @@ export class ForwardWorker {
             SELECT tide.consumer_claim(${outbox}, ${group}, ${relayGroupId}) AS epoch`;
           this.#ownerEpoch = epoch;
         }
-        const rows = await this.#options.sql<(MessageRow & { interval_seq: bigint; read_cursor: bigint; generation: bigint })[]>`
-          SELECT id, outbox, topic, payload, headers, created_at, interval_seq, read_cursor, generation
-            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId})`;
+        const batch = (await ahead) ?? this.#batchOf(await this.#options.sql<FencedRow[]>`
+          SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
+            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}, p_durable := false)`);
+        ahead = undefined;
         this.#databaseFailures = 0;
-        if (rows.length === 0) {
-          this.status.waiting = true;
-          await this.#wakeup.wait(this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs, stop);
-          this.status.waiting = false;
+        if (!batch) {
+          await this.#idle();
           continue;
         }
-        const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
-        this.#fence = { ownerEpoch: this.#ownerEpoch!, intervalSeq, readCursor, generation };
+        this.#busyAt = Date.now();
+        this.#fence = batch.fence;
         await failpoint("forward.after-read");
-        const delivered = await this.#deliver(rows.map(toMessage));
-        if (!delivered) continue; // stopping, paused or refused: the batch stays unacknowledged
+        // A full batch may have a next one in the same interval: read it while the sink publishes.
+        const next = batch.messages.length === this.#row.batch_size ? this.#readAhead(batch) : undefined;
+        // Not delivered (stopping, paused or refused): the batch stays unacknowledged, and the batch
+        // read ahead of it, fenced on its acknowledgement, is dropped.
+        if (await this.#deliver(batch.messages)) ahead = next;
       } catch (error) {
         if (stop.aborted) break;
-        // The database, not the sink: retry fast, so delivery resumes right after it is back.
+        // The database, not the sink: retry fast, so delivery resumes right after it is back. A
+        // restarted server also ended the lock session: have ownership checked now.
         this.status.fail(error, "reading or acknowledging the outbox failed");
+        this.#options.doubtOwnership?.();
         await sleep(backoffDelay(++this.#databaseFailures, DATABASE_RETRY), stop);
       }
+    }
+  }
+
+  /**
+   * The batch after `batch`, from the position its acknowledgement will leave, fenced on that
+   * position; undefined when the interval ends with `batch` (or anything moved meanwhile), and when
+   * the read fails: the loop then reads again after the acknowledgement.
+   */
+  async #readAhead(batch: Batch): Promise<Batch | undefined> {
+    const { outbox_name: outbox, consumer_group: group, batch_size: limit } = this.#row;
+    const { intervalSeq, generation } = batch.fence;
+    const last = batch.messages[batch.messages.length - 1].id;
+    try {
+      return this.#batchOf(await this.#options.sql<FencedRow[]>`
+        SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
+          FROM tide.consumer_read_ahead(${outbox}, ${group}, ${limit}, ${this.#options.relayGroupId}, ${intervalSeq}, ${generation}, ${last})`);
+    } catch (error) {
+      this.#log.debug("reading ahead failed; reading after the acknowledgement instead", { error });
+      return undefined;
+    }
+  }
+
+  #batchOf(rows: FencedRow[]): Batch | undefined {
+    if (rows.length === 0) return undefined;
+    const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
+    return { messages: rows.map(toMessage), fence: { ownerEpoch: this.#ownerEpoch!, intervalSeq, readCursor, generation } };
+  }
+
+  /**
+   * Nothing to read: wait until the relay's shared probe finds something for this pipeline (checked
+   * every few milliseconds right after it was busy, then less and less often, up to its poll
+   * interval), a NOTIFY wakes it, or it is stopped. Without a probe, poll at the poll interval.
+   */
+  async #idle(): Promise<void> {
+    const pollMs = this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs;
+    const probe = this.#options.probe;
+    this.status.waiting = true;
+    const unwatch = probe?.watch({
+      outbox: this.#row.outbox_name!,
+      group: this.#row.consumer_group!,
+      pollMs,
+      busyAt: this.#busyAt,
+      wake: () => this.#wakeup.set(),
+    });
+    try {
+      await this.#wakeup.wait(probe ? Math.max(pollMs, PROBED_WAIT_MS) : pollMs, this.#stopping.signal);
+    } finally {
+      unwatch?.();
+      this.status.waiting = false;
     }
   }
 
@@ -329,11 +407,16 @@ export class ForwardWorker {
     const last = batch[batch.length - 1].id;
     const fence = this.#fence!;
     await failpoint("forward.before-commit");
-    const moved = await this.#options.sql.begin(async (tx) => {
-      const [{ moved }] = await tx<{ moved: boolean }[]>`
-        SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
-                                    ${this.#options.relayGroupId}, ${fence.generation}, ${fence.intervalSeq},
-                                    ${fence.readCursor}, ${fence.ownerEpoch}) AS moved`;
+    if (this.#fenced || this.#abort.signal.aborted) return false;
+    // p_durable := false: the commit does not wait for a disk flush; only a crash of the server can
+    // then take the position back a little, and what it covered is delivered again (sql/002).
+    const commit = (sql: Sql) => sql<{ moved: boolean }[]>`
+      SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
+                                  ${this.#options.relayGroupId}, ${fence.generation}, ${fence.intervalSeq},
+                                  ${fence.readCursor}, ${fence.ownerEpoch}, p_durable := false) AS moved`;
+    // Without dead letters the commit is one statement, one round trip; with them, one transaction.
+    const moved = dead.length === 0 ? (await commit(this.#options.sql))[0].moved : await this.#options.sql.begin(async (tx) => {
+      const [{ moved }] = await commit(tx as unknown as Sql);
       if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
       if (this.#fenced || this.#abort.signal.aborted) throw new Fenced();
       for (const entry of dead) {
@@ -351,7 +434,7 @@ export class ForwardWorker {
         last_id: String(last),
       });
       this.#options.events?.staleAck?.(this.#row.name);
-      this.#options.staleAck?.();
+      this.#options.doubtOwnership?.();
       return false;
     }
     await failpoint("forward.after-commit");
@@ -366,7 +449,7 @@ export class ForwardWorker {
   /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more. */
   async #redeliverRequeued(): Promise<void> {
     const rows = await this.#options.sql<(MessageRow & { dlq_id: bigint })[]>`
-      SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload, headers,
+      SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload::text AS payload, headers::text AS headers,
              coalesce(message_created_at, failed_at) AS created_at
         FROM tide.relay_dlq WHERE pipeline = ${this.#row.name} AND status = 'requeued' ORDER BY id LIMIT 1000`;
     if (rows.length === 0) return;
@@ -411,28 +494,32 @@ interface DeadLetter {
   attempts: number;
 }
 
+/**
+ * A message as read: payload and headers as the text PostgreSQL produced (`::text`), never through
+ * the driver's JSON.parse, which would round big numbers to the nearest double.
+ */
+/** A row of consumer_read_batch or consumer_read_ahead: a message with the fence it was read under. */
+type FencedRow = MessageRow & { interval_seq: bigint; read_cursor: bigint; generation: bigint };
+
 interface MessageRow {
   id: bigint;
   outbox: string;
   topic: string | null;
-  payload: unknown;
-  headers: Record<string, unknown>;
+  payload: string;
+  headers: string | null;
   created_at: Date;
 }
 
 export function toMessage(row: MessageRow): OutboxMessage {
-  const headers = row.headers ?? {};
-  return {
+  const headers = row.headers === null || row.headers === "{}" ? {} : (parseJson(row.headers) as Record<string, unknown>);
+  return outboxMessage({
     id: row.id,
     outbox: row.outbox,
     topic: row.topic,
-    payload: row.payload,
+    payloadText: row.payload,
     headers,
-    dedupKey: `${row.outbox}:${row.id}`,
-    eventType: eventTypeOf(headers, row.payload),
-    op: opOf(headers, row.payload),
     createdAt: row.created_at,
-  };
+  });
 }
 
 /** Thrown inside the commit transaction to roll it back when the worker was fenced meanwhile. */

@@ -6,10 +6,10 @@ import { Hono } from "hono";
 import type { Sql } from "./db.ts";
 import { toError } from "./errors.ts";
 import { type HttpAuth, requireToken } from "./http_auth.ts";
-import type { RelayMetrics } from "./metrics.ts";
+import type { InboxCounts, RelayMetrics } from "./metrics.ts";
 import { INGEST_PREFIX, type RouteTable } from "./routes.ts";
 import { redactText } from "./redact.ts";
-import { pipelineStatus, type PipelineStatus } from "./status.ts";
+import { pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "./status.ts";
 import { renderStatusPage } from "./status_page.ts";
 
 export interface HttpDeps {
@@ -37,6 +37,7 @@ export const READY_TIMEOUT_MS = 2_000;
 
 export function createHttpApp(deps: HttpDeps): Hono {
   const app = new Hono();
+  deps.metrics.observeInboxes(() => inboxCounts(deps.sql));
 
   if (deps.auth) app.use("*", requireToken(deps.auth, deps.routes));
 
@@ -70,13 +71,15 @@ export function createHttpApp(deps: HttpDeps): Hono {
 
   app.get("/", async (c) => {
     let pipelines: ApiPipeline[] = [];
+    let inboxes: InboxCounts[] = [];
+    let unreadGroups: UnreadConsumerGroup[] = [];
     let error: string | undefined;
     try {
-      pipelines = await apiPipelines(deps);
+      [pipelines, inboxes, unreadGroups] = await Promise.all([apiPipelines(deps), inboxCounts(deps.sql), unreadConsumerGroups(deps.sql)]);
     } catch (caught) {
       error = redactText(toError(caught).message);
     }
-    return c.html(renderStatusPage({ relayId: deps.relayId, relayGroupId: deps.relayGroupId, pipelines, error }));
+    return c.html(renderStatusPage({ relayId: deps.relayId, relayGroupId: deps.relayGroupId, pipelines, inboxes, unreadGroups, error }));
   });
 
   return app;
@@ -99,6 +102,20 @@ async function apiPipelines(deps: HttpDeps): Promise<ApiPipeline[]> {
       history: deps.metrics.history(row.name).map((p) => ({ at: new Date(p.at).toISOString(), messages: p.messages, lag: p.lag })),
     };
   });
+}
+
+/** Every inbox of the database, from the tide.inbox_stats view (for the metrics and the status page). */
+export async function inboxCounts(sql: Sql): Promise<InboxCounts[]> {
+  const rows = await sql`
+    SELECT inbox, pending, claimed, failed, dead_lettered, oldest_pending_at FROM tide.inbox_stats ORDER BY inbox`;
+  return rows.map((row) => ({
+    inbox: row.inbox,
+    pending: Number(row.pending),
+    claimed: Number(row.claimed),
+    failed: Number(row.failed),
+    dead_lettered: Number(row.dead_lettered),
+    oldest_pending_at: row.oldest_pending_at,
+  }));
 }
 
 async function readinessProblem(deps: HttpDeps): Promise<string | undefined> {

@@ -16,6 +16,19 @@ export interface HistoryPoint {
   lag: number | null;
 }
 
+/** One inbox's row of the tide.inbox_stats view: claimed and failed are part of pending. */
+export interface InboxCounts {
+  inbox: string;
+  pending: number;
+  claimed: number;
+  failed: number;
+  dead_lettered: number;
+  oldest_pending_at: Date | null;
+}
+
+/** How long one scrape reuses the inbox counts it read, so its gauges cost one query. */
+const INBOX_COUNTS_REUSE_MS = 1_000;
+
 export interface LagSource {
   /** Current lag per pipeline owned by this relay (forward pipelines only). */
   lag(): Promise<Map<string, number>>;
@@ -40,6 +53,8 @@ export class RelayMetrics {
   readonly #window = new Map<string, number>();
   #source: LagSource | undefined;
   #timer: ReturnType<typeof setInterval> | undefined;
+  #readInboxes: (() => Promise<InboxCounts[]>) | undefined;
+  #inboxCounts: { at: number; counts: Promise<InboxCounts[]> } | undefined;
 
   constructor() {
     const registers = [this.registry];
@@ -120,6 +135,29 @@ export class RelayMetrics {
         for (const [pipeline, lag] of (await metrics.#source?.lag()) ?? []) this.set({ pipeline }, lag);
       },
     });
+    const inboxGauges: [string, string, (c: InboxCounts) => number | null][] = [
+      ["inbox_pending", "Inbox messages not processed and not dead-lettered (what tide.inbox_pending returns)", (c) => c.pending],
+      ["inbox_claimed", "Pending inbox messages a worker holds under a claim that has not run out", (c) => c.claimed],
+      ["inbox_failed", "Pending inbox messages that failed at least once (waiting for or in a retry)", (c) => c.failed],
+      ["inbox_dead_lettered", "Inbox messages that failed max_retries times", (c) => c.dead_lettered],
+      ["inbox_oldest_pending_age_seconds", "Age of the oldest pending inbox message (absent when none is pending)",
+        (c) => c.oldest_pending_at === null ? null : Math.max(0, (Date.now() - c.oldest_pending_at.getTime()) / 1000)],
+    ];
+    for (const [name, help, value] of inboxGauges) {
+      new client.Gauge({
+        name: `${prefix}${name}`,
+        help,
+        labelNames: ["inbox"],
+        registers,
+        async collect() {
+          this.reset();
+          for (const counts of await metrics.#inboxes()) {
+            const v = value(counts);
+            if (v !== null) this.set({ inbox: counts.inbox }, v);
+          }
+        },
+      });
+    }
     new client.Gauge({
       name: `${prefix}owned_pipelines`,
       help: "Pipelines this relay owns right now",
@@ -159,6 +197,25 @@ export class RelayMetrics {
 
   detach(): void {
     clearInterval(this.#timer);
+  }
+
+  /** Where the inbox gauges read their counts at scrape time (every inbox of the database). */
+  observeInboxes(read: () => Promise<InboxCounts[]>): void {
+    this.#readInboxes = read;
+  }
+
+  async #inboxes(): Promise<InboxCounts[]> {
+    if (!this.#readInboxes) return [];
+    const now = Date.now();
+    if (!this.#inboxCounts || now - this.#inboxCounts.at > INBOX_COUNTS_REUSE_MS) {
+      this.#inboxCounts = { at: now, counts: this.#readInboxes() };
+    }
+    try {
+      return await this.#inboxCounts.counts;
+    } catch {
+      this.#inboxCounts = undefined;
+      return []; // the database may be briefly unreachable: no inbox samples this scrape
+    }
   }
 
   async text(): Promise<string> {

@@ -12,7 +12,19 @@ export interface OutboxMessage {
   id: bigint;
   outbox: string;
   topic: string | null;
-  payload: unknown;
+  /**
+   * The payload's JSON text exactly as PostgreSQL produced it (jsonb output: keys sorted, `": "`
+   * and `", "` between them). This is what a sink sends: the relay never parses and re-serializes
+   * it, so no number or escape changes on the way.
+   */
+  payloadText: string;
+  /**
+   * The payload parsed on first use, losslessly: integers beyond 2^53 are BigInt, and a number that
+   * a JavaScript number would change (`1.50`, a long decimal) is an object whose String() and
+   * JSON.stringify give its exact text. For reading fields; send payloadText.
+   */
+  readonly payload: unknown;
+  /** Parsed like payload: header values may be BigInt or exact-number objects as well. */
   headers: Record<string, unknown>;
   /** Stable across redeliveries: `<outbox>:<id>`. Sinks pass it on as the broker's dedup key. */
   dedupKey: string;
@@ -36,7 +48,15 @@ export interface InboundMessage {
    * `kafka:<partition>-<offset>`. Without an eventId, the inbox event_id is `<inbox>:<transportId>`.
    */
   transportId: string;
-  payload: unknown;
+  /**
+   * The body as JSON text, as the broker delivered it: the engine writes it into the inbox with a
+   * cast to jsonb and never parses and re-serializes it. A body that is not JSON is handed over as a
+   * JSON string of its text, a missing body as `null`. Filters and event_id templates see it parsed
+   * losslessly.
+   */
+  payloadText?: string;
+  /** The payload as a value, for a source that has no text of it; ignored when payloadText is set. */
+  payload?: unknown;
   headers: Record<string, unknown>;
   /** Where it came from, e.g. `nats:payments.confirmed`. */
   source: string;

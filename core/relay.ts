@@ -1,5 +1,7 @@
 // The relay process: connects, checks the schema, registers plugin types in the catalog, runs the
-// coordinator, the metrics/status HTTP server and a retention sweep, and shuts down cleanly.
+// coordinator, the metrics/status HTTP server, the retention sweep and the lag checkpoint, and shuts
+// down cleanly. The sweep and the checkpoint are database-wide chores: every relay schedules them,
+// and their SQL functions let one session at a time do the work.
 
 import { hostname } from "node:os";
 import { Coordinator, DEFAULT_OWNERSHIP_LEASE_MS } from "./coordinator.ts";
@@ -30,6 +32,8 @@ export interface RelayOptions {
   /** An owner whose heartbeat is older than this loses its pipelines to another relay. */
   ownershipLeaseMs?: number;
   retentionIntervalMs?: number;
+  /** How often the consumer groups' running lag counts take in newly committed messages. */
+  lagCheckpointIntervalMs?: number;
   events?: RelayEvents;
   /** Pipelines declared in a manifest, upserted into the catalog at start. */
   pipelines?: ManifestPipeline[];
@@ -43,6 +47,10 @@ export const DEFAULT_POLL_INTERVAL_MS = 250;
 export const DEFAULT_RECONCILE_INTERVAL_MS = 2_000;
 export const DEFAULT_DRAIN_TIMEOUT_MS = 10_000;
 export const DEFAULT_RETENTION_INTERVAL_MS = 60_000;
+export const DEFAULT_LAG_CHECKPOINT_INTERVAL_MS = 10_000;
+/** Per call of tide.retention_sweep, and calls per sweep: short transactions, never a long lock. */
+const SWEEP_BATCH = 5_000;
+const SWEEP_ROUNDS = 10;
 
 export class Relay {
   readonly relayId = `${hostname()}:${process.pid}`;
@@ -53,6 +61,9 @@ export class Relay {
   readonly routes = new RouteTable();
   readonly #options: RelayOptions;
   #retentionTimer: ReturnType<typeof setInterval> | undefined;
+  #lagCheckpointTimer: ReturnType<typeof setInterval> | undefined;
+  /** The chore still running from an earlier tick: a tick never starts a second one beside it. */
+  readonly #running = new Set<string>();
   #server: HttpServer | undefined;
 
   constructor(options: RelayOptions) {
@@ -106,7 +117,10 @@ export class Relay {
       health: () => new Map(this.coordinator.owned().map((p) => [p.name, p.status.healthy])),
       ownedCount: () => this.coordinator.owned().length,
     });
-    this.#retentionTimer = setInterval(() => void this.#sweep(), this.#options.retentionIntervalMs ?? DEFAULT_RETENTION_INTERVAL_MS);
+    this.#retentionTimer = setInterval(() => void this.#chore("retention sweep", () => this.#sweep()),
+      this.#options.retentionIntervalMs ?? DEFAULT_RETENTION_INTERVAL_MS);
+    this.#lagCheckpointTimer = setInterval(() => void this.#chore("lag checkpoint", () => this.#checkpointLag()),
+      this.#options.lagCheckpointIntervalMs ?? DEFAULT_LAG_CHECKPOINT_INTERVAL_MS);
     logger.info("relay started", { relay_group_id: this.#options.relayGroupId, relay: this.relayId });
   }
 
@@ -117,6 +131,7 @@ export class Relay {
 
   async stop(): Promise<void> {
     clearInterval(this.#retentionTimer);
+    clearInterval(this.#lagCheckpointTimer);
     this.metrics.detach();
     await this.coordinator.stop();
     await this.#server?.stop();
@@ -170,28 +185,48 @@ export class Relay {
   async #ownedLag(): Promise<Map<string, number>> {
     const names = this.coordinator.owned().map((p) => p.name);
     if (names.length === 0) return new Map();
-    const rows = await this.sql<{ name: string; lag: bigint }[]>`
-      SELECT p.name, tide.undelivered_count(g.outbox_name, g.low, g.high, g.cursor_id) AS lag
+    const rows = await this.sql<{ name: string; lag: bigint | null }[]>`
+      SELECT p.name, tide.consumer_group_lag(p.outbox_name, p.consumer_group, ${this.#options.relayGroupId}) AS lag
         FROM tide.relay_pipelines p
-        JOIN tide.consumer_groups g ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group
-                                   AND g.relay_group_id = ${this.#options.relayGroupId}
        WHERE p.name = ANY(${this.sql.array(names)}::text[])`;
-    return new Map(rows.map((row) => [row.name, Number(row.lag)]));
+    return new Map(rows.filter((row) => row.lag !== null).map((row) => [row.name, Number(row.lag)]));
   }
 
-  /** Bounded batches, so a large backlog of expired rows never holds a long lock. */
-  async #sweep(): Promise<void> {
+  async #chore(name: string, run: () => Promise<void>): Promise<void> {
+    if (this.#running.has(name)) return;
+    this.#running.add(name);
     try {
-      let deleted = 0;
-      for (let round = 0; round < 10; round++) {
-        const [{ n }] = await this.sql<{ n: bigint }[]>`SELECT tide.outbox_retention_sweep(NULL, 5000) AS n`;
-        deleted += Number(n);
-        if (Number(n) < 5000) break;
-      }
-      await this.sql`SELECT tide.inbox_retention_sweep(NULL, 5000)`;
-      if (deleted > 0) this.#options.logger.info("retention sweep", { deleted });
+      await run();
     } catch (error) {
-      this.#options.logger.warn("retention sweep failed", { error: toError(error) });
+      this.#options.logger.warn(`${name} failed`, { error: toError(error) });
+    } finally {
+      this.#running.delete(name);
     }
+  }
+
+  /**
+   * Bounded batches, so a large backlog of expired rows never holds a long lock; tide.retention_sweep
+   * returns no row while another relay is sweeping, and this one leaves the work to it.
+   */
+  async #sweep(): Promise<void> {
+    let outbox = 0;
+    let inbox = 0;
+    for (let round = 0; round < SWEEP_ROUNDS; round++) {
+      const rows = await this.sql<{ outbox_deleted: bigint; inbox_deleted: bigint }[]>`
+        SELECT outbox_deleted, inbox_deleted FROM tide.retention_sweep(${SWEEP_BATCH})`;
+      if (rows.length === 0) {
+        this.#options.logger.debug("retention sweep skipped: another relay is sweeping");
+        break;
+      }
+      outbox += Number(rows[0].outbox_deleted);
+      inbox += Number(rows[0].inbox_deleted);
+      if (Number(rows[0].outbox_deleted) < SWEEP_BATCH && Number(rows[0].inbox_deleted) < SWEEP_BATCH) break;
+    }
+    if (outbox + inbox > 0) this.#options.logger.info("retention sweep", { deleted: outbox + inbox, outbox, inbox });
+  }
+
+  /** Keeps tide.consumer_group_lag cheap: it then counts only what was committed since this ran. */
+  async #checkpointLag(): Promise<void> {
+    await this.sql`SELECT tide.consumer_lag_checkpoint()`;
   }
 }

@@ -15,6 +15,8 @@ import type { PipelineRow } from "./forward.ts";
 import { WorkerStatus } from "./worker_status.ts";
 import type { RelayEvents } from "./events.ts";
 import type { Logger } from "./log.ts";
+import { stringifyJson } from "./json.ts";
+import { outboxMessage } from "./message.ts";
 import type { HttpRoutes, InboundMessage, OutboxMessage, SourceInstance } from "./plugin.ts";
 import { preparePipeline } from "./pipeline_config.ts";
 import { pluginContext, type PluginRegistry } from "./plugins.ts";
@@ -178,12 +180,17 @@ export class ReverseWorker {
 
   async #write(messages: InboundMessage[]): Promise<void> {
     const inbox = this.#row.inbox_name!;
-    const rows = [];
+    const rows: InboxRow[] = [];
     for (const message of messages) {
+      // The payload's text as the source delivered it; filters and templates see it parsed (losslessly).
+      const payloadText = message.payloadText ?? stringifyJson(message.payload ?? null);
+      const view = outboxMessage({
+        id: 0n, outbox: inbox, topic: null, payloadText, headers: message.headers ?? {}, createdAt: new Date(), eventType: "", op: "publish",
+      });
       if (this.#filter) {
         // A message the filter cannot decide on is counted and shown (metric, last_error), then
         // skipped: a reverse pipeline has no dead-letter queue of its own.
-        const { match, error } = this.#filter.evaluate({ payload: message.payload, headers: message.headers, topic: null, op: "publish" });
+        const { match, error } = this.#filter.evaluate({ payload: view.payload, headers: view.headers, topic: null, op: "publish" });
         if (error) this.status.filterFailed(error);
         if (!match) {
           this.status.filtered += 1;
@@ -192,28 +199,57 @@ export class ReverseWorker {
         }
       }
       rows.push({
-        event_id: withoutNul(this.#eventIdOf(message, inbox)),
+        eventId: withoutNul(this.#eventIdOf(message, inbox, view)),
         source: withoutNul(message.source),
-        payload: withoutNul(message.payload ?? null),
-        headers: withoutNul(message.headers ?? {}),
+        payloadText: withoutNulEscapes(payloadText),
+        headers: stringifyJson(withoutNul(message.headers ?? {})),
       });
     }
     if (rows.length === 0) return;
-    const [result] = await this.#options.sql<{ inserted: number; duplicates: number }[]>`
-      SELECT * FROM tide.inbox_insert_batch(${inbox}, ${this.#options.sql.json(rows as any)})`;
+    // Each payload's text is cast to jsonb by PostgreSQL as it came, never parsed and re-written here.
+    const sql = this.#options.sql;
+    const insert = async () => (await sql<{ inserted: number; duplicates: number }[]>`
+      SELECT * FROM tide.inbox_insert_batch(${inbox}, (
+        SELECT jsonb_agg(jsonb_build_object('event_id', e, 'source', s, 'payload', p::jsonb, 'headers', h::jsonb) ORDER BY n)
+          FROM unnest(${sql.array(rows.map((r) => r.eventId))}::text[], ${sql.array(rows.map((r) => r.source))}::text[],
+                      ${sql.array(rows.map((r) => r.payloadText))}::text[], ${sql.array(rows.map((r) => r.headers))}::text[])
+               WITH ORDINALITY AS m(e, s, p, h, n)))`)[0]!;
+    const result = await insert().catch(async (error) => {
+      if (!isDataException(error) || !(await this.#quoteRefusedPayloads(rows))) throw error;
+      return await insert();
+    });
     this.status.delivered += result.inserted;
     this.duplicates += result.duplicates;
     this.status.succeed();
     this.#options.events?.consumed?.(this.#row.name, result.inserted, result.duplicates);
   }
 
-  /** A configured template wins, then the message's own id, then its place in the transport. */
-  #eventIdOf(message: InboundMessage, inbox: string): string {
-    if (this.#eventIdTemplate) {
-      const rendered = this.#eventIdTemplate({
-        id: 0n, outbox: inbox, topic: null, payload: message.payload, headers: message.headers,
-        dedupKey: "", eventType: "", op: "publish", createdAt: new Date(),
+  /**
+   * JSON that JavaScript accepts but PostgreSQL's jsonb does not (a lone surrogate escape such as
+   * "\ud800", a number beyond numeric's range such as 1e1000000) fails the whole batch. Each such
+   * payload is stored as a JSON string of its text instead, like a body that is not JSON, so that
+   * it does not hold up the messages behind it. True when one was found.
+   */
+  async #quoteRefusedPayloads(rows: InboxRow[]): Promise<boolean> {
+    let found = false;
+    for (const row of rows) {
+      const refusal = await this.#options.sql`SELECT ${row.payloadText}::text::jsonb IS NULL`.then(() => undefined, (error) => error);
+      if (refusal === undefined) continue;
+      if (!isDataException(refusal)) throw refusal;
+      this.#log.warn("an inbound payload is not JSON that PostgreSQL accepts; it is stored as a JSON string of its text", {
+        event_id: row.eventId,
+        error: toError(refusal).message,
       });
+      row.payloadText = withoutNulEscapes(JSON.stringify(row.payloadText));
+      found = true;
+    }
+    return found;
+  }
+
+  /** A configured template wins, then the message's own id, then its place in the transport. */
+  #eventIdOf(message: InboundMessage, inbox: string, view: OutboxMessage): string {
+    if (this.#eventIdTemplate) {
+      const rendered = this.#eventIdTemplate(view);
       if (rendered !== "") return boundEventId(rendered);
     }
     return boundEventId(message.eventId ?? `${inbox}:${message.transportId}`);
@@ -223,6 +259,20 @@ export class ReverseWorker {
 
 /** How long a source gets to react to an abort (or to close) before the worker stops waiting for it. */
 const ABANDON_MS = 5_000;
+
+/** One inbox row on its way in: payload and headers as JSON text. */
+interface InboxRow {
+  eventId: string;
+  source: string;
+  payloadText: string;
+  headers: string;
+}
+
+/** SQLSTATE class 22: PostgreSQL refused a value (invalid JSON for jsonb, a number out of range). */
+function isDataException(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && code.startsWith("22");
+}
 
 /**
  * PostgreSQL text and jsonb cannot hold U+0000. One such message would fail its whole batch again
@@ -235,4 +285,13 @@ export function withoutNul<T>(value: T): T {
     return Object.fromEntries(Object.entries(value).map(([k, v]) => [withoutNul(k), withoutNul(v)])) as T;
   }
   return value;
+}
+
+/**
+ * withoutNul for JSON text: a `\u0000` escape becomes `\ufffd`. An escaped backslash followed by
+ * "u0000" is text, not an escape, and stays.
+ */
+export function withoutNulEscapes(text: string): string {
+  if (!text.includes("\\u0000")) return text;
+  return text.replace(/\\(\\|u0000)/g, (escape) => (escape === "\\\\" ? escape : "\\ufffd"));
 }

@@ -11,6 +11,7 @@ import m005 from "../sql/005_operations.sql" with { type: "text" };
 import m006 from "../sql/006_security.sql" with { type: "text" };
 import m007 from "../sql/007_capture.sql" with { type: "text" };
 import m008 from "../sql/008_ownership.sql" with { type: "text" };
+import m009 from "../sql/009_inbox_claims.sql" with { type: "text" };
 import { ConfigError } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
@@ -30,6 +31,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 6, name: "security", sql: m006 },
   { version: 7, name: "capture", sql: m007 },
   { version: 8, name: "ownership", sql: m008 },
+  { version: 9, name: "inbox_claims", sql: m009 },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1].version;
@@ -133,4 +135,5 @@ const DUMPED_TABLES = [
   "relay_dlq",
   "captures",
   "capture_backfills",
+  "inbox_claim_ids", // a sequence: restored at its value, so claim ids are never handed out twice
 ];

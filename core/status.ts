@@ -1,7 +1,8 @@
 // Pipeline status from the catalog: what `pg-tide status` prints and /api/v1/pipelines serves.
 // Forward pipelines have a position (committed offset) and a lag in the outbox. Reverse pipelines
 // have neither on the tide side (their source keeps its own offsets), so they report how many
-// messages wait in their inbox for the application instead.
+// messages wait in their inbox for the application instead. Consumer groups that no pipeline reads
+// are listed apart: their waiting messages are kept from the retention sweep until they are read.
 
 import type { Sql } from "./db.ts";
 
@@ -34,6 +35,16 @@ export interface PipelineStatus {
   dlq_depth: number;
 }
 
+/** A row of tide.unread_consumer_groups: a group no pipeline reads, with messages waiting. */
+export interface UnreadConsumerGroup {
+  outbox: string;
+  group: string;
+  relay_group_id: string;
+  /** Messages waiting for the group, kept from the retention sweep until it reads them. */
+  lag: number;
+  position_moved_at: Date;
+}
+
 /** A heartbeat older than this means the owner is gone (the lock, not this, decides ownership). */
 export const OWNER_STALE_SECONDS = 30;
 
@@ -46,8 +57,8 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
            s.heartbeat_at, s.healthy, s.last_error, s.last_error_at, coalesce(s.retry_attempt, 0) AS retry_attempt, s.circuit,
            g.committed_offset, g.delivered_total,
            CASE WHEN p.direction = 'forward' THEN
-             coalesce(tide.undelivered_count(p.outbox_name, g.low, g.high, g.cursor_id),
-                      tide.undelivered_count(p.outbox_name, d.low, d.high, d.cursor_id)) END AS lag,
+             coalesce(tide.consumer_group_lag(p.outbox_name, p.consumer_group, ${relayGroupId}),
+                      tide.consumer_group_lag(p.outbox_name, p.consumer_group, 'default')) END AS lag,
            (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth,
            CASE WHEN i.name IS NOT NULL THEN (SELECT count(*) FROM tide.inbox_pending(i.name)) END AS inbox_pending
       FROM tide.relay_pipelines p
@@ -55,8 +66,6 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
       LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId}
       LEFT JOIN tide.consumer_groups g
         ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group AND g.relay_group_id = ${relayGroupId}
-      LEFT JOIN tide.consumer_groups d
-        ON d.outbox_name = p.outbox_name AND d.group_name = p.consumer_group AND d.relay_group_id = 'default'
      ORDER BY p.name`;
   return rows.map((row) => ({
     ...(row as any),
@@ -65,5 +74,17 @@ export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<Pi
     lag: row.lag === null ? null : Number(row.lag),
     inbox_pending: row.inbox_pending === null ? null : Number(row.inbox_pending),
     dlq_depth: Number(row.dlq_depth),
+  }));
+}
+
+export async function unreadConsumerGroups(sql: Sql): Promise<UnreadConsumerGroup[]> {
+  const rows = await sql`
+    SELECT outbox_name, group_name, relay_group_id, lag, position_moved_at FROM tide.unread_consumer_groups`;
+  return rows.map((row) => ({
+    outbox: row.outbox_name,
+    group: row.group_name,
+    relay_group_id: row.relay_group_id,
+    lag: Number(row.lag),
+    position_moved_at: row.position_moved_at,
   }));
 }

@@ -2,11 +2,17 @@
 // refreshes itself every few seconds.
 
 import type { ApiPipeline } from "./http.ts";
+import type { InboxCounts } from "./metrics.ts";
+import type { UnreadConsumerGroup } from "./status.ts";
 
 export interface StatusPageData {
   relayId: string;
   relayGroupId: string;
   pipelines: ApiPipeline[];
+  /** Every inbox of the database (tide.inbox_stats); the section is left out when there is none. */
+  inboxes?: InboxCounts[];
+  /** Consumer groups no pipeline reads, with messages waiting (tide.unread_consumer_groups). */
+  unreadGroups?: UnreadConsumerGroup[];
   error?: string;
 }
 
@@ -33,6 +39,7 @@ export function renderStatusPage(data: StatusPageData): string {
   .error { color: #b3261e; font-size: 12px; max-width: 28rem; overflow-wrap: anywhere; }
   .charts { display: flex; flex-wrap: wrap; gap: 1.5rem; margin-top: 2rem; }
   figure { margin: 0; } figcaption { font-weight: 600; margin-bottom: .25rem; }
+  h2 { font-size: 1.1rem; margin: 2rem 0 .5rem; }
   .banner { background: #fdecea; color: #b3261e; padding: .6rem .8rem; margin-bottom: 1rem; }
 </style>
 </head>
@@ -47,6 +54,8 @@ ${data.error ? `<div class="banner">Cannot read the catalog: ${esc(data.error)}<
 ${rows || `<tr><td colspan="10" class="off">No pipelines yet: create one with tide.relay_set_outbox or tide.relay_set_inbox.</td></tr>`}
 </tbody>
 </table>
+${renderInboxes(data.inboxes ?? [])}
+${renderUnreadGroups(data.unreadGroups ?? [])}
 <div class="charts">
 ${charts}
 </div>
@@ -78,6 +87,49 @@ function lagCell(p: ApiPipeline): string {
   if (p.direction === "forward") return `<td class="num">${p.lag ?? ""}</td>`;
   if (p.inbox_pending === null) return `<td class="num"></td>`;
   return `<td class="num" title="inbox rows the application has not processed yet">${p.inbox_pending} pending</td>`;
+}
+
+// What waits for the applications that work each inbox (claimed and failed are part of pending).
+function renderInboxes(inboxes: InboxCounts[]): string {
+  if (inboxes.length === 0) return "";
+  const rows = inboxes.map((i) =>
+    `<tr><td>${esc(i.inbox)}</td><td class="num">${i.pending}</td><td class="num">${i.claimed}</td><td class="num">${i.failed}</td>
+<td class="num">${i.dead_lettered}</td><td class="num">${i.oldest_pending_at ? age(i.oldest_pending_at) : ""}</td></tr>`
+  ).join("\n");
+  return `<h2>Inboxes</h2>
+<table>
+<thead><tr><th>Inbox</th><th class="num">Pending</th><th class="num">Claimed</th><th class="num">Failed</th>
+<th class="num">Dead letters</th><th class="num">Oldest pending</th></tr></thead>
+<tbody>
+${rows}
+</tbody>
+</table>`;
+}
+
+// A deleted pipeline's group keeps its messages from the retention sweep until someone drops it.
+function renderUnreadGroups(groups: UnreadConsumerGroup[]): string {
+  if (groups.length === 0) return "";
+  const rows = groups.map((g) =>
+    `<tr><td>${esc(g.outbox)}</td><td>${esc(g.group)}</td><td>${esc(g.relay_group_id)}</td><td class="num">${g.lag}</td>
+<td class="num">${age(g.position_moved_at)} ago</td><td><code>SELECT tide.drop_consumer_group('${esc(g.group)}', '${esc(g.outbox)}');</code></td></tr>`
+  ).join("\n");
+  return `<h2>Consumer groups no pipeline reads</h2>
+<p class="meta">Nothing moves their position: the retention sweep keeps their waiting messages until an application reads them or the group is dropped.</p>
+<table>
+<thead><tr><th>Outbox</th><th>Group</th><th>Relay group</th><th class="num">Waiting</th><th class="num">Position moved</th><th>To drop it</th></tr></thead>
+<tbody>
+${rows}
+</tbody>
+</table>`;
+}
+
+/** "42 s", "7 min", "3 h", "2 d": how long ago `at` was. */
+function age(at: Date): string {
+  const seconds = Math.max(0, Math.round((Date.now() - at.getTime()) / 1000));
+  if (seconds < 120) return `${seconds} s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${Math.round(seconds / 3600)} h`;
+  return `${Math.round(seconds / 86400)} d`;
 }
 
 function renderCharts(p: ApiPipeline): string {

@@ -2,6 +2,7 @@
 // a message's event type and op from its headers and payload.
 
 import { ConfigError } from "./errors.ts";
+import { JsonNumber, stringifyJson } from "./json.ts";
 import type { OutboxMessage, RenderOptions } from "./plugin.ts";
 
 /**
@@ -18,7 +19,8 @@ export type RenderFn = (message: OutboxMessage, options?: RenderOptions) => stri
  * Placeholders: `{outbox}`, `{topic}`, `{op}`, `{event_type}`, `{id}`, `{payload.a.b}`, `{headers.x}`.
  * Paths walk nested objects (and arrays by index: `{payload.items.0.sku}`). A missing value, null
  * and a null topic render as the empty string, so `orders.{payload.region}` can yield `orders.`:
- * choose fields that are always present. Objects and arrays render as compact JSON.
+ * choose fields that are always present. Numbers render exactly as the payload writes them
+ * (`9007199254740993`, `1.50`); objects and arrays as compact JSON, their numbers exact too.
  * `{{` and `}}` are a literal brace. An unknown placeholder or an unclosed `{` is a ConfigError.
  */
 export function compileTemplate(template: string): RenderFn {
@@ -123,7 +125,9 @@ function compilePlaceholder(name: string, template: string): Placeholder {
 function valueAt(value: unknown, path: string[]): unknown {
   let current = value;
   for (const segment of path) {
-    if (typeof current !== "object" || current === null || !Object.hasOwn(current, segment)) return undefined;
+    if (typeof current !== "object" || current === null || current instanceof JsonNumber || !Object.hasOwn(current, segment)) {
+      return undefined;
+    }
     current = (current as Record<string, unknown>)[segment];
   }
   return current;
@@ -132,9 +136,7 @@ function valueAt(value: unknown, path: string[]): unknown {
 function stringify(value: unknown): string {
   if (value === undefined || value === null) return "";
   if (typeof value === "string") return value;
-  if (typeof value === "object") {
-    return JSON.stringify(value, (_key, v) => (typeof v === "bigint" ? v.toString() : v));
-  }
+  if (typeof value === "object") return value instanceof JsonNumber ? value.text : stringifyJson(value);
   return String(value);
 }
 

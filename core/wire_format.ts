@@ -7,6 +7,8 @@
 
 import { createHash } from "node:crypto";
 import { ConfigError } from "./errors.ts";
+import { jsonObject, mayHaveKey, stringifyJson } from "./json.ts";
+import { withPayloadText } from "./message.ts";
 import type { OutboxMessage } from "./plugin.ts";
 
 export const WIRE_FORMATS = ["payload", "envelope", "cloudevents", "sequin"] as const;
@@ -14,16 +16,21 @@ export type WireFormat = (typeof WIRE_FORMATS)[number];
 
 export type Formatter = (message: OutboxMessage) => OutboxMessage;
 
+/**
+ * The formatter of a wire format: a message whose payloadText is the body. The payload's own text
+ * goes into the body as it is (envelope `payload`, CloudEvents `data`, sequin `record`); only the
+ * fields around it are written by the relay.
+ */
 export function wireFormatter(format: unknown, pipeline: string): Formatter | undefined {
   if (format === undefined || format === "payload") return undefined;
   const consumer = { id: stableUuid(pipeline), name: pipeline };
   switch (format) {
     case "envelope":
-      return (m) => ({ ...m, payload: envelope(m) });
+      return (m) => withPayloadText(m, envelope(m));
     case "cloudevents":
-      return (m) => ({ ...m, payload: cloudEvent(m) });
+      return (m) => withPayloadText(m, cloudEvent(m));
     case "sequin":
-      return (m) => ({ ...m, payload: sequin(m, consumer) });
+      return (m) => withPayloadText(m, sequin(m, consumer));
     default:
       throw new ConfigError(
         `pipeline "${pipeline}": 'wire_format' must be one of ${WIRE_FORMATS.join(", ")} (got ${JSON.stringify(format)})`,
@@ -31,41 +38,56 @@ export function wireFormatter(format: unknown, pipeline: string): Formatter | un
   }
 }
 
-function envelope(m: OutboxMessage) {
-  return {
-    id: String(m.id), dedup_key: m.dedupKey, outbox: m.outbox, topic: m.topic, event_type: m.eventType, op: m.op,
-    headers: m.headers, payload: m.payload, created_at: new Date(m.createdAt).toISOString(),
-  };
+function envelope(m: OutboxMessage): string {
+  return jsonObject([
+    ...fields({ id: String(m.id), dedup_key: m.dedupKey, outbox: m.outbox, topic: m.topic, event_type: m.eventType, op: m.op, headers: m.headers }),
+    ["payload", m.payloadText],
+    ...fields({ created_at: new Date(m.createdAt).toISOString() }),
+  ]);
 }
 
-function cloudEvent(m: OutboxMessage) {
-  return {
-    specversion: "1.0",
-    id: m.dedupKey,
-    source: `/tide/outbox/${m.outbox}`,
-    type: m.eventType,
-    ...(m.topic ? { subject: m.topic } : {}),
-    time: new Date(m.createdAt).toISOString(),
-    datacontenttype: "application/json",
-    data: m.payload,
-  };
+function cloudEvent(m: OutboxMessage): string {
+  return jsonObject([
+    ...fields({
+      specversion: "1.0",
+      id: m.dedupKey,
+      source: `/tide/outbox/${m.outbox}`,
+      type: m.eventType,
+      ...(m.topic ? { subject: m.topic } : {}),
+      time: new Date(m.createdAt).toISOString(),
+      datacontenttype: "application/json",
+    }),
+    ["data", m.payloadText],
+  ]);
 }
 
-function sequin(m: OutboxMessage, consumer: { id: string; name: string }) {
-  const payload = (m.payload ?? {}) as Record<string, unknown>;
-  const captured = typeof payload === "object" && "record" in payload;
+/**
+ * A table-capture payload ({record, changes, action}) is taken apart, its parts written back
+ * losslessly; any other payload is the record, as it is.
+ */
+function sequin(m: OutboxMessage, consumer: { id: string; name: string }): string {
+  const payload = mayHaveKey(m.payloadText, "record") ? m.payload : undefined;
+  const captured = typeof payload === "object" && payload !== null && !Array.isArray(payload) && "record" in payload;
+  const parts = captured ? (payload as Record<string, unknown>) : undefined;
   const [schema, table] = (m.topic ?? "").includes(".") ? m.topic!.split(".", 2) : [undefined, m.topic];
-  return {
-    record: captured ? payload.record : payload,
-    changes: captured ? payload.changes ?? null : null,
-    action: captured ? payload.action : m.op,
-    metadata: {
-      table_schema: m.headers.table_schema ?? schema ?? null,
-      table_name: m.headers.table_name ?? table ?? null,
-      commit_timestamp: new Date(m.createdAt).toISOString(),
-      consumer,
-    },
-  };
+  return jsonObject([
+    ["record", parts ? stringifyJson(parts.record) : m.payloadText],
+    ...fields({
+      changes: parts ? parts.changes ?? null : null,
+      action: parts ? parts.action : m.op,
+      metadata: {
+        table_schema: m.headers.table_schema ?? schema ?? null,
+        table_name: m.headers.table_name ?? table ?? null,
+        commit_timestamp: new Date(m.createdAt).toISOString(),
+        consumer,
+      },
+    }),
+  ]);
+}
+
+/** Each value as lossless JSON text. */
+function fields(values: Record<string, unknown>): [string, string][] {
+  return Object.entries(values).map(([key, value]) => [key, stringifyJson(value)]);
 }
 
 /** A UUID-shaped id that stays the same for a pipeline name (consumer.id in the sequin format). */

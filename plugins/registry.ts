@@ -5,7 +5,10 @@ import type { PluginDefinition } from "../core/plugin.ts";
 import file from "./file/index.ts";
 import inbox from "./inbox/index.ts";
 import { kafkaSink, kafkaSource } from "./kafka/index.ts";
+import { mqttSink, mqttSource } from "./mqtt/index.ts";
 import { natsSink, natsSource } from "./nats/index.ts";
+import { rabbitmqSink, rabbitmqSource } from "./rabbitmq/index.ts";
+import { redisSink, redisSource } from "./redis/index.ts";
 import stdout from "./stdout/index.ts";
 import webhook from "./webhook/index.ts";
 import { webhookSource } from "./webhook/source.ts";
@@ -17,7 +20,13 @@ export const builtinPlugins: PluginDefinition[] = [
   inbox,
   kafkaSink,
   natsSink,
+  rabbitmqSink,
+  redisSink,
+  mqttSink,
   webhookSource,
   kafkaSource,
   natsSource,
+  rabbitmqSource,
+  redisSource,
+  mqttSource,
 ];

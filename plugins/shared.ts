@@ -3,11 +3,14 @@
 
 import type { OutboxMessage, PluginContext, RenderOptions } from "../core/plugin.ts";
 
+const rawJSON = (JSON as unknown as { rawJSON(text: string): unknown }).rawJSON;
+
 /** A message to render templates against when a config is checked: an unknown placeholder fails here. */
 export const PROBE_MESSAGE: OutboxMessage = {
   id: 0n,
   outbox: "outbox",
   topic: null,
+  payloadText: "{}",
   payload: {},
   headers: {},
   dedupKey: "outbox:0",
@@ -16,23 +19,51 @@ export const PROBE_MESSAGE: OutboxMessage = {
   createdAt: new Date(0),
 };
 
-/** JSON text of a payload; BigInt values become strings instead of throwing. */
+/**
+ * The body a sink sends for a message: its payload's JSON text, byte for byte as PostgreSQL produced
+ * it (or as a wire format wrapped it). Every sink goes through this one function, so the way payload
+ * text is carried is decided in one place.
+ */
+export function payloadBody(message: OutboxMessage): string {
+  return message.payloadText;
+}
+
+/**
+ * JSON text of a value. Integers beyond 2^53 (BigInt) and exact numbers in a parsed payload or
+ * headers are written back as the numbers they were, never rounded and never quoted.
+ */
 export function toJson(value: unknown): string {
-  return JSON.stringify(value, (_key, v) => (typeof v === "bigint" ? v.toString() : v)) ?? "null";
+  return JSON.stringify(value, (_key, v) => (typeof v === "bigint" ? rawJSON(v.toString()) : v)) ?? "null";
+}
+
+/**
+ * `fields` as a JSON object with a last member `"payload"` that is the message's payload text,
+ * embedded as it is (payloadBody), so that wrapping a payload never parses and re-writes it.
+ */
+export function withPayload(fields: Record<string, unknown>, message: OutboxMessage): string {
+  const head = toJson(fields);
+  return `${head === "{}" ? "{" : `${head.slice(0, -1)},`}"payload":${payloadBody(message)}}`;
 }
 
 /** A header value as text: a string as it is, anything else (number, boolean, object) as JSON text. */
-/**
- * The body a sink sends for a message: its payload as JSON text. Every sink goes through this one
- * function, so the way payload text is carried (byte for byte as PostgreSQL produced it) is decided
- * in one place.
- */
-export function payloadBody(message: OutboxMessage): string {
-  return toJson(message.payload);
-}
-
 export function headerText(value: unknown): string {
   return typeof value === "string" ? value : toJson(value);
+}
+
+/**
+ * What a source hands over as a message's payload: `payloadText` is a JSON body exactly as it came
+ * (the engine stores it with a cast to jsonb), a body that is not JSON as a JSON string of its text,
+ * and no body (a Kafka tombstone) as null. `parsed` is the body parsed with JSON.parse, its numbers
+ * only approximate: for looking up an id in it, never for sending on.
+ */
+export function inboundPayload(body: Uint8Array | null): { payloadText: string; parsed: unknown } {
+  if (body === null) return { payloadText: "null", parsed: null };
+  const text = new TextDecoder().decode(body);
+  try {
+    return { payloadText: text, parsed: JSON.parse(text) };
+  } catch {
+    return { payloadText: JSON.stringify(text), parsed: text };
+  }
 }
 
 /**
@@ -81,5 +112,36 @@ export function checkAllowDotsIn(template: string, allowDotsIn: string[], ctx: P
   if (stray !== undefined) {
     const known = [...placeholders].map((p) => `"${p}"`).join(", ") || "none";
     throw ctx.errors.config(`${where} "${template}" has no placeholder {${stray}} named in 'allow_dots_in' (its placeholders: ${known})`);
+  }
+}
+
+/**
+ * oneTokenValues for names whose parts are split by another separator: an MQTT topic ("/"), a Redis
+ * key (":"). A substituted value may not contain `separator` unless it is the message's {topic} or
+ * its placeholder is listed under the config key `allowKey`.
+ */
+export function oneSegmentValues(separator: string, allowKey: string, allowIn: string[], parts: string): RenderOptions {
+  const allowed = new Set(["topic", ...allowIn]);
+  return {
+    value(value, placeholder) {
+      if (value.includes(separator) && !allowed.has(placeholder)) {
+        throw new Error(
+          `{${placeholder}} is "${value}", whose "${separator}" would add ${parts}; ` +
+            `add "${placeholder}" to '${allowKey}' if its values may span several`,
+        );
+      }
+      return value;
+    },
+  };
+}
+
+/** checkAllowDotsIn for a list kept under another config key (see oneSegmentValues). */
+export function checkAllowedIn(template: string, allowIn: string[], allowKey: string, ctx: PluginContext, where: string): void {
+  const placeholders = new Set<string>();
+  ctx.render(template, PROBE_MESSAGE, { value: (value, placeholder) => (placeholders.add(placeholder), value) });
+  const stray = allowIn.find((name) => !placeholders.has(name));
+  if (stray !== undefined) {
+    const known = [...placeholders].map((p) => `"${p}"`).join(", ") || "none";
+    throw ctx.errors.config(`${where} "${template}" has no placeholder {${stray}} named in '${allowKey}' (its placeholders: ${known})`);
   }
 }

@@ -21,9 +21,15 @@ INSERT INTO tide.plugin_types (type, kind, builtin, required_keys) VALUES
   ('inbox',   'sink',   true, '[["inbox"]]'),
   ('stdout',  'sink',   true, '[]'),
   ('file',    'sink',   true, '[["path"]]'),
+  ('rabbitmq', 'sink',  true, '[["url"], ["routing_key", "routing_key_template"]]'),
+  ('redis',   'sink',   true, '[["url"], ["stream", "stream_template"]]'),
+  ('mqtt',    'sink',   true, '[["url"], ["topic", "topic_template"]]'),
   ('nats',    'source', true, '[["url"], ["subject"]]'),
   ('kafka',   'source', true, '[["brokers"], ["topic", "topics"]]'),
-  ('webhook', 'source', true, '[["path"]]');
+  ('webhook', 'source', true, '[["path"]]'),
+  ('rabbitmq', 'source', true, '[["url"], ["queue"]]'),
+  ('redis',   'source', true, '[["url"], ["stream"]]'),
+  ('mqtt',    'source', true, '[["url"], ["topic", "topics"]]');
 
 CREATE TABLE tide.outboxes (
   name            text PRIMARY KEY,

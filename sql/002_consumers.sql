@@ -28,6 +28,13 @@ CREATE TABLE tide.consumer_groups (
   -- Bumped each time a relay takes the pipeline over (consumer_claim): an acknowledgement carrying an
   -- older epoch comes from a former owner and is refused.
   owner_epoch       bigint NOT NULL DEFAULT 0,
+  -- A running count that keeps the exact lag cheap however long the backlog (consumer_group_lag):
+  -- the messages of the open interval above cursor_id (counted when it opens, decremented by each
+  -- acknowledgement), and the messages committed after the position that a checkpoint has counted
+  -- (visible in counted_to, not in high, or low when no interval is open).
+  interval_pending  bigint,
+  counted_to        pg_snapshot,
+  counted_pending   bigint NOT NULL DEFAULT 0,
   created_at        timestamptz NOT NULL DEFAULT now(),
   updated_at        timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (outbox_name, group_name, relay_group_id)
@@ -57,19 +64,27 @@ EXCEPTION WHEN unique_violation THEN
 END $$;
 
 -- Messages of an outbox visible in snapshot p_high and not in p_low. Only transactions at or above
--- xmax(low), or in progress at low, can qualify, which keeps the index range small.
+-- xmax(low), or in progress at low, can qualify, which keeps the index range small (a transaction
+-- at or above xmax(low) is never visible in low, so the first branch need not ask).
+--
+-- A SQL-standard body (names bound when it is created, no SET clause), so that the planner inlines it
+-- into the calling query: a caller that takes only ids (opening an interval, the idle probe, lag
+-- counts) reads the (outbox, txid, id) index and never a payload, and EXISTS stops at the first
+-- message. A function with SET search_path runs apart and collects every row, payload included,
+-- before its caller sees one.
 CREATE FUNCTION tide.interval_messages(p_outbox text, p_low pg_snapshot, p_high pg_snapshot)
-RETURNS SETOF tide.outbox_messages LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+RETURNS SETOF tide.outbox_messages LANGUAGE sql STABLE
+BEGIN ATOMIC
   SELECT m.* FROM tide.outbox_messages m
    WHERE m.outbox = p_outbox
      AND m.txid >= pg_snapshot_xmax(p_low) AND m.txid < pg_snapshot_xmax(p_high)
-     AND pg_visible_in_snapshot(m.txid, p_high) AND NOT pg_visible_in_snapshot(m.txid, p_low)
+     AND pg_visible_in_snapshot(m.txid, p_high)
   UNION ALL
   SELECT m.* FROM tide.outbox_messages m
    WHERE m.outbox = p_outbox
      AND m.txid = ANY (ARRAY(SELECT pg_snapshot_xip(p_low)))
-     AND pg_visible_in_snapshot(m.txid, p_high)
-$$;
+     AND pg_visible_in_snapshot(m.txid, p_high);
+END;
 
 -- The group row for a relay group, created from the group's definition the first time a relay group
 -- other than 'default' reads it.
@@ -127,8 +142,11 @@ END $$;
 -- An idle group costs no write: when no interval is open, a plain read first looks for a message
 -- committed since low; only when there is one is the row locked and the interval opened. Neither
 -- pg_current_snapshot() nor a plain SELECT assigns a transaction id.
+--
+-- p_durable := false (what the relay passes) lets the calling transaction commit without waiting for
+-- its WAL to reach disk (synchronous_commit off for that transaction; see consumer_commit).
 CREATE FUNCTION tide.consumer_read_batch(p_outbox text, p_group text, p_limit integer DEFAULT 100,
-                                         p_relay_group_id text DEFAULT 'default')
+                                         p_relay_group_id text DEFAULT 'default', p_durable boolean DEFAULT true)
 RETURNS TABLE (id bigint, outbox text, topic text, payload jsonb, headers jsonb, created_at timestamptz,
                interval_seq bigint, read_cursor bigint, generation bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -138,6 +156,7 @@ DECLARE
   v_high pg_snapshot;
   v_min bigint;
   v_max bigint;
+  v_count bigint;
   v_rows bigint;
 BEGIN
   IF p_limit IS NULL OR p_limit < 1 THEN
@@ -152,19 +171,26 @@ BEGIN
      AND NOT EXISTS (SELECT 1 FROM tide.interval_messages(p_outbox, v_group.low, pg_current_snapshot())) THEN
     RETURN; -- idle: nothing committed since low
   END IF;
+  IF p_durable IS FALSE THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
+  END IF;
   v_group := tide.consumer_position(p_outbox, p_group, p_relay_group_id);
   FOR attempt IN 1..2 LOOP
     IF v_group.high IS NULL THEN
       v_high := pg_current_snapshot();
-      SELECT min(m.id), max(m.id) INTO v_min, v_max FROM tide.interval_messages(p_outbox, v_group.low, v_high) m;
+      -- Ids only (interval_messages is inlined): an index-only range, however large the payloads.
+      SELECT min(m.id), max(m.id), count(*) INTO v_min, v_max, v_count
+        FROM tide.interval_messages(p_outbox, v_group.low, v_high) m;
       IF v_min IS NULL THEN
-        UPDATE tide.consumer_groups g SET low = v_high, updated_at = now()
+        -- Nothing committed between low and v_high, so nothing a checkpoint counted either.
+        UPDATE tide.consumer_groups g SET low = v_high, counted_to = NULL, counted_pending = 0, updated_at = now()
          WHERE g.outbox_name = p_outbox AND g.group_name = p_group AND g.relay_group_id = p_relay_group_id;
         RETURN;
       END IF;
+      -- Whatever a checkpoint counted past low is in this interval now (counted_to is older than v_high).
       UPDATE tide.consumer_groups g
          SET high = v_high, cursor_id = v_min - 1, interval_max_id = v_max, interval_seq = g.interval_seq + 1,
-             updated_at = now()
+             interval_pending = v_count, counted_to = NULL, counted_pending = 0, updated_at = now()
        WHERE g.outbox_name = p_outbox AND g.group_name = p_group AND g.relay_group_id = p_relay_group_id
       RETURNING * INTO v_group;
     END IF;
@@ -184,10 +210,76 @@ BEGIN
     END IF;
     -- Drained (possibly by messages swept or a rewind): close the interval and try the next one.
     UPDATE tide.consumer_groups g
-       SET low = g.high, high = NULL, cursor_id = NULL, interval_max_id = NULL, updated_at = now()
+       SET low = g.high, high = NULL, cursor_id = NULL, interval_max_id = NULL, interval_pending = NULL, updated_at = now()
      WHERE g.outbox_name = p_outbox AND g.group_name = p_group AND g.relay_group_id = p_relay_group_id
     RETURNING * INTO v_group;
   END LOOP;
+END $$;
+
+-- The batch after the one a relay is delivering, read while that one is still in flight: the next
+-- messages of the open interval after p_after_id (the last id of the batch in flight), that is, from
+-- the position that batch's acknowledgement will leave. Read-only: nothing is locked or written.
+-- Each row carries the fence of that position (read_cursor = p_after_id), so its own acknowledgement
+-- is accepted only if the one before it moved the cursor to exactly p_after_id. Returns nothing when
+-- the interval, the generation or the cursor is no longer the one the caller read under, or when the
+-- interval ends at p_after_id: the caller then reads with consumer_read_batch after acknowledging.
+-- Why this is the batch a read after the acknowledgement would return: an interval's messages are
+-- fixed when it opens (visible in high, not in low, at most interval_max_id), and interval_seq and
+-- generation identify that interval; an acknowledgement up to p_after_id leaves the cursor there.
+CREATE FUNCTION tide.consumer_read_ahead(p_outbox text, p_group text, p_limit integer, p_relay_group_id text,
+                                         p_interval_seq bigint, p_generation bigint, p_after_id bigint)
+RETURNS TABLE (id bigint, outbox text, topic text, payload jsonb, headers jsonb, created_at timestamptz,
+               interval_seq bigint, read_cursor bigint, generation bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+  v_group tide.consumer_groups;
+BEGIN
+  IF p_limit IS NULL OR p_limit < 1 THEN
+    RAISE EXCEPTION 'batch limit must be at least 1 (got %)', coalesce(p_limit::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_outbox', p_outbox);
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_group', p_group);
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_relay_group_id', p_relay_group_id);
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_interval_seq', p_interval_seq);
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_generation', p_generation);
+  PERFORM tide.check_not_null('consumer_read_ahead', 'p_after_id', p_after_id);
+  SELECT * INTO v_group FROM tide.consumer_groups g
+   WHERE g.outbox_name = p_outbox AND g.group_name = p_group AND g.relay_group_id = p_relay_group_id;
+  IF NOT FOUND OR v_group.high IS NULL OR v_group.interval_seq <> p_interval_seq
+     OR v_group.generation <> p_generation OR p_after_id <= v_group.cursor_id OR p_after_id >= v_group.interval_max_id THEN
+    RETURN;
+  END IF;
+  RETURN QUERY
+    SELECT m.id, m.outbox, m.topic, m.payload, m.headers, m.created_at, v_group.interval_seq, p_after_id, v_group.generation
+      FROM tide.outbox_messages m
+     WHERE m.outbox = p_outbox
+       AND m.id > p_after_id AND m.id <= v_group.interval_max_id
+       AND pg_visible_in_snapshot(m.txid, v_group.high) AND NOT pg_visible_in_snapshot(m.txid, v_group.low)
+     ORDER BY m.id
+     LIMIT p_limit;
+END $$;
+
+-- Which of the given groups (of one relay group) have something to read: an open interval, or a
+-- message committed since low; a group whose row does not exist yet counts as ready. Read-only and
+-- cheap (an index range per group): one call asks for every waiting pipeline of a relay, so that
+-- idle pipelines do not each poll the outbox.
+CREATE FUNCTION tide.consumer_probe(p_relay_group_id text, p_outboxes text[], p_groups text[])
+RETURNS TABLE (outbox_name text, group_name text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM tide.check_not_null('consumer_probe', 'p_relay_group_id', p_relay_group_id);
+  IF cardinality(p_outboxes) IS DISTINCT FROM cardinality(p_groups) THEN
+    RAISE EXCEPTION 'tide.consumer_probe: p_outboxes and p_groups must be arrays of the same length'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN QUERY
+    SELECT w.outbox, w.grp
+      FROM unnest(p_outboxes, p_groups) AS w (outbox, grp)
+      LEFT JOIN tide.consumer_groups g
+        ON g.outbox_name = w.outbox AND g.group_name = w.grp AND g.relay_group_id = p_relay_group_id
+     WHERE g.outbox_name IS NULL OR g.high IS NOT NULL
+        OR EXISTS (SELECT 1 FROM tide.interval_messages(w.outbox, g.low, pg_current_snapshot()));
 END $$;
 
 -- The next batch for a group (the messages of consumer_read_batch, without the fence).
@@ -217,13 +309,21 @@ $$;
 -- - With p_owner_epoch (the relay always passes it), the group must not have been claimed by another
 --   owner since (consumer_claim): only the current owner moves the position.
 -- Returns whether the position moved.
+--
+-- p_durable := false (what the relay passes) lets the calling transaction commit without waiting for
+-- its WAL to reach disk (synchronous_commit off for that transaction), which saves a disk flush per
+-- batch. Only a crash of the server itself can then lose the last moments of acknowledgements: the
+-- position comes back a little older and those messages are delivered again, never skipped. Claims
+-- (consumer_claim) stay durable, so an owner epoch is never handed out twice.
 CREATE FUNCTION tide.consumer_commit(p_outbox text, p_group text, p_last_id bigint, p_count integer DEFAULT 0,
                                      p_relay_group_id text DEFAULT 'default', p_generation bigint DEFAULT NULL,
                                      p_interval_seq bigint DEFAULT NULL, p_read_cursor bigint DEFAULT NULL,
-                                     p_owner_epoch bigint DEFAULT NULL)
+                                     p_owner_epoch bigint DEFAULT NULL, p_durable boolean DEFAULT true)
 RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_group tide.consumer_groups;
+  v_acked bigint;
+  v_found bigint;
 BEGIN
   PERFORM tide.check_not_null('consumer_commit', 'p_outbox', p_outbox);
   PERFORM tide.check_not_null('consumer_commit', 'p_group', p_group);
@@ -246,21 +346,27 @@ BEGIN
   IF p_interval_seq IS NOT NULL AND (p_interval_seq <> v_group.interval_seq OR p_read_cursor IS DISTINCT FROM v_group.cursor_id) THEN
     RETURN false; -- read under another interval or cursor: someone else moved the position since
   END IF;
-  IF NOT EXISTS (SELECT 1 FROM tide.outbox_messages m
-                  WHERE m.outbox = p_outbox AND m.id = p_last_id
-                    AND pg_visible_in_snapshot(m.txid, v_group.high)
-                    AND NOT pg_visible_in_snapshot(m.txid, v_group.low)) THEN
+  -- The interval's messages this acknowledges (counted for interval_pending), p_last_id among them.
+  SELECT count(*), count(*) FILTER (WHERE m.id = p_last_id) INTO v_acked, v_found
+    FROM tide.outbox_messages m
+   WHERE m.outbox = p_outbox AND m.id > v_group.cursor_id AND m.id <= p_last_id
+     AND pg_visible_in_snapshot(m.txid, v_group.high) AND NOT pg_visible_in_snapshot(m.txid, v_group.low);
+  IF v_found = 0 THEN
     RETURN false; -- not a message of the open interval
+  END IF;
+  IF p_durable IS FALSE THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
   END IF;
   IF p_last_id >= v_group.interval_max_id THEN
     UPDATE tide.consumer_groups
-       SET low = high, high = NULL, cursor_id = NULL, interval_max_id = NULL,
+       SET low = high, high = NULL, cursor_id = NULL, interval_max_id = NULL, interval_pending = NULL,
            committed_offset = greatest(committed_offset, p_last_id),
            delivered_total = delivered_total + coalesce(p_count, 0), updated_at = now()
      WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
   ELSE
     UPDATE tide.consumer_groups
-       SET cursor_id = p_last_id, committed_offset = greatest(committed_offset, p_last_id),
+       SET cursor_id = p_last_id, interval_pending = interval_pending - v_acked,
+           committed_offset = greatest(committed_offset, p_last_id),
            delivered_total = delivered_total + coalesce(p_count, 0), updated_at = now()
      WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
   END IF;
@@ -288,9 +394,53 @@ RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog
   ) pending
 $$;
 
+-- The exact lag of a group (NULL when it does not exist), counting only what its running count has
+-- not: the open interval's messages above the cursor (interval_pending), those a checkpoint counted
+-- (counted_pending), and those committed since the checkpoint, or since the position when there was
+-- none. An index-only count of the messages since the last checkpoint, not of the whole backlog.
+CREATE FUNCTION tide.consumer_group_lag(p_outbox text, p_group text, p_relay_group_id text DEFAULT 'default')
+RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+  SELECT coalesce(g.interval_pending, 0) + g.counted_pending
+         + (SELECT count(*) FROM tide.interval_messages(g.outbox_name, coalesce(g.counted_to, g.high, g.low),
+                                                        pg_current_snapshot()))
+    FROM tide.consumer_groups g
+   WHERE g.outbox_name = p_outbox AND g.group_name = p_group AND g.relay_group_id = p_relay_group_id
+$$;
+
+-- Adds the messages committed since each group's last count to its running count (counted_to,
+-- counted_pending), so that consumer_group_lag never counts them again. Writes only the groups that
+-- have something new, and only if their position has not moved meanwhile. Relays run it every few
+-- seconds, one session at a time: it returns NULL, doing nothing, while another session runs it.
+-- Otherwise it returns how many groups it updated.
+CREATE FUNCTION tide.consumer_lag_checkpoint() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_now pg_snapshot := pg_current_snapshot();
+  v_updated integer;
+BEGIN
+  IF NOT pg_try_advisory_xact_lock(7436001004) THEN
+    RETURN NULL;
+  END IF;
+  WITH counted AS (
+    SELECT g.outbox_name, g.group_name, g.relay_group_id, g.low::text AS low, g.high::text AS high,
+           g.counted_to::text AS counted_to,
+           (SELECT count(*) FROM tide.interval_messages(g.outbox_name, coalesce(g.counted_to, g.high, g.low), v_now)) AS n
+      FROM tide.consumer_groups g)
+  UPDATE tide.consumer_groups g SET counted_to = v_now, counted_pending = g.counted_pending + c.n
+    FROM counted c
+   WHERE c.n > 0 AND g.outbox_name = c.outbox_name AND g.group_name = c.group_name
+     AND g.relay_group_id = c.relay_group_id
+     -- Compared as text (pg_snapshot has no equality): a position that moved meanwhile has counted
+     -- these messages its own way.
+     AND g.low::text = c.low AND g.high::text IS NOT DISTINCT FROM c.high
+     AND g.counted_to::text IS NOT DISTINCT FROM c.counted_to;
+  GET DIAGNOSTICS v_updated = ROW_COUNT;
+  RETURN v_updated;
+END $$;
+
 CREATE VIEW tide.consumer_lag AS
 SELECT g.group_name, g.outbox_name, g.consumer_id, g.committed_offset,
-       tide.undelivered_count(g.outbox_name, g.low, g.high, g.cursor_id) AS lag,
+       tide.consumer_group_lag(g.outbox_name, g.group_name, g.relay_group_id) AS lag,
        g.relay_group_id, g.updated_at
   FROM tide.consumer_groups g
  ORDER BY g.outbox_name, g.created_at, g.group_name, g.relay_group_id;

@@ -61,9 +61,13 @@ BEGIN
       processed_at     timestamptz,
       retry_count      integer NOT NULL DEFAULT 0,
       last_error       text,
-      dead_lettered_at timestamptz
+      dead_lettered_at timestamptz,
+      -- Claims (009_inbox_claims.sql): the claim holding the row, and when it may be claimed next.
+      claim_id         bigint,
+      visible_at       timestamptz
     );
     CREATE INDEX ON tide.%1$I (id) WHERE processed_at IS NULL;
+    CREATE INDEX ON tide.%1$I (id) WHERE processed_at IS NULL AND dead_lettered_at IS NULL;
     GRANT SELECT ON tide.%1$I TO tide_reader, tide_publisher;
     GRANT SELECT, INSERT, UPDATE, DELETE ON tide.%1$I TO tide_relay;
   $ddl$, v_table);
@@ -194,7 +198,8 @@ BEGIN
   PERFORM tide.check_not_null('replay_inbox_messages', 'p_event_ids', p_event_ids);
   v_table := tide.inbox_table(p_name);
   EXECUTE format(
-    'UPDATE tide.%I SET processed_at = NULL, retry_count = 0, last_error = NULL, dead_lettered_at = NULL
+    'UPDATE tide.%I SET processed_at = NULL, retry_count = 0, last_error = NULL, dead_lettered_at = NULL,
+                        claim_id = NULL, visible_at = NULL
       WHERE event_id = ANY (ARRAY(SELECT tide.inbox_event_id(e) FROM unnest($1::text[]) e))', v_table)
     USING p_event_ids;
   GET DIAGNOSTICS v_count = ROW_COUNT;

@@ -48,6 +48,7 @@ DECLARE
   v_high pg_snapshot := pg_current_snapshot();
   v_cursor bigint;
   v_max bigint;
+  v_pending bigint;
 BEGIN
   PERFORM tide.check_not_null('consumer_group_rewind', 'p_group', p_group);
   PERFORM tide.check_not_null('consumer_group_rewind', 'p_outbox', p_outbox);
@@ -74,17 +75,19 @@ BEGIN
     (SELECT min(id) - 1 FROM tide.outbox_messages WHERE outbox = p_outbox AND created_at >= p_to_time),
     (SELECT max(id) FROM tide.outbox_messages WHERE outbox = p_outbox), 0);
   SELECT max(m.id) INTO v_max FROM tide.interval_messages(p_outbox, tide.empty_snapshot(), v_high) m;
+  SELECT count(*) INTO v_pending FROM tide.outbox_messages
+   WHERE outbox = p_outbox AND id > v_cursor AND pg_visible_in_snapshot(txid, v_high);
   -- Everything committed so far becomes one interval whose cursor sits at the rewind point.
   UPDATE tide.consumer_groups
      SET low = tide.empty_snapshot(), high = v_high, cursor_id = v_cursor,
          interval_max_id = coalesce(v_max, v_cursor), committed_offset = v_cursor,
+         interval_pending = v_pending, counted_to = NULL, counted_pending = 0,
          generation = generation + 1, updated_at = now()
    WHERE outbox_name = p_outbox AND group_name = p_group AND relay_group_id = p_relay_group_id;
   IF v_pipeline IS NOT NULL THEN
     PERFORM pg_notify('tide_relay_config', v_pipeline);
   END IF;
-  RETURN (SELECT count(*) FROM tide.outbox_messages
-           WHERE outbox = p_outbox AND id > v_cursor AND pg_visible_in_snapshot(txid, v_high));
+  RETURN v_pending;
 END $$;
 
 -- The arguments every sweep shares. A NULL batch would be LIMIT NULL, no limit at all, and a NULL
@@ -99,33 +102,81 @@ BEGIN
   END IF;
 END $$;
 
--- Deletes at most p_batch messages of one outbox (or of all) that are older than the outbox's
--- retention AND delivered by every consumer group. Call until it returns less than p_batch.
--- With p_dry_run it only counts what it would delete (unbounded).
+-- Deletes at most p_batch messages of one outbox (or of all, outbox by outbox) that are older than the
+-- outbox's retention AND delivered by every consumer group, oldest first. Call until it returns less
+-- than p_batch. With p_dry_run it only counts what it would delete (unbounded).
+--
+-- What a call reads does not grow with the table: it walks the (outbox, txid, id) index in txid order
+-- from the oldest message, a chunk at a time, and stops at the first message inside the retention or
+-- after p_batch deletions, never looking past the oldest position of any group (xmax of its high, or
+-- of its low when no interval is open: no message at or after it is delivered by that group). Along
+-- the way it passes over only expired messages that some group has not delivered yet (a transaction
+-- in progress at a group's position, the rest of an open interval); what a group that never moves
+-- holds back lies past that bound. A message is stamped with its transaction's start and txid is
+-- assigned at the transaction's first write, so an expired message may come after the first young
+-- one in txid order: it is deleted once that one expires, at most a transaction's duration later.
 CREATE FUNCTION tide.outbox_retention_sweep(p_outbox text DEFAULT NULL, p_batch integer DEFAULT 10000,
                                             p_dry_run boolean DEFAULT false)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-  v_count bigint;
+  v_chunk constant integer := 100;
+  v_outbox tide.outboxes;
+  v_bound xid8;
+  v_after_txid xid8;
+  v_after_id bigint;
+  v_seen integer;
+  v_done boolean;
+  v_message record;
+  v_ids bigint[];
+  v_deleted bigint;
+  v_total bigint := 0;
 BEGIN
   PERFORM tide.check_sweep('outbox_retention_sweep', p_batch, p_dry_run);
-  IF p_dry_run THEN
-    SELECT count(*) INTO v_count FROM tide.outbox_messages m JOIN tide.outboxes o ON o.name = m.outbox
-     WHERE (p_outbox IS NULL OR m.outbox = p_outbox)
-       AND m.created_at < now() - make_interval(hours => o.retention_hours)
-       AND NOT EXISTS (SELECT 1 FROM tide.consumer_groups g WHERE g.outbox_name = m.outbox
-                        AND NOT tide.is_delivered(m.txid, m.id, g.low, g.high, g.cursor_id));
-    RETURN v_count;
-  END IF;
-  DELETE FROM tide.outbox_messages WHERE id IN (
-    SELECT m.id FROM tide.outbox_messages m JOIN tide.outboxes o ON o.name = m.outbox
-     WHERE (p_outbox IS NULL OR m.outbox = p_outbox)
-       AND m.created_at < now() - make_interval(hours => o.retention_hours)
-       AND NOT EXISTS (SELECT 1 FROM tide.consumer_groups g WHERE g.outbox_name = m.outbox
-                        AND NOT tide.is_delivered(m.txid, m.id, g.low, g.high, g.cursor_id))
-     ORDER BY m.id LIMIT p_batch);
-  GET DIAGNOSTICS v_count = ROW_COUNT;
-  RETURN v_count;
+  FOR v_outbox IN SELECT * FROM tide.outboxes WHERE p_outbox IS NULL OR name = p_outbox ORDER BY name LOOP
+    SELECT pg_snapshot_xmax(coalesce(g.high, g.low)) INTO v_bound
+      FROM tide.consumer_groups g WHERE g.outbox_name = v_outbox.name ORDER BY 1 LIMIT 1;
+    IF NOT FOUND THEN
+      v_bound := pg_snapshot_xmax(pg_current_snapshot()); -- no group: messages go by age alone
+    END IF;
+    v_ids := '{}';
+    v_after_txid := '0';
+    v_after_id := 0;
+    v_done := false;
+    -- Chunks with a LIMIT, so that the plan is an ordered index range however small the table.
+    WHILE NOT v_done LOOP
+      v_seen := 0;
+      FOR v_message IN
+        SELECT m.id, m.txid, m.created_at < now() - make_interval(hours => v_outbox.retention_hours) AS expired,
+               NOT EXISTS (SELECT 1 FROM tide.consumer_groups g WHERE g.outbox_name = m.outbox
+                            AND NOT tide.is_delivered(m.txid, m.id, g.low, g.high, g.cursor_id)) AS delivered
+          FROM tide.outbox_messages m
+         WHERE m.outbox = v_outbox.name AND m.txid < v_bound AND (m.txid, m.id) > (v_after_txid, v_after_id)
+         ORDER BY m.txid, m.id
+         LIMIT v_chunk
+      LOOP
+        v_seen := v_seen + 1;
+        v_after_txid := v_message.txid;
+        v_after_id := v_message.id;
+        v_done := NOT v_message.expired;
+        EXIT WHEN v_done;
+        IF v_message.delivered THEN
+          v_ids := array_append(v_ids, v_message.id);
+          v_done := NOT p_dry_run AND v_total + cardinality(v_ids) >= p_batch;
+          EXIT WHEN v_done;
+        END IF;
+      END LOOP;
+      v_done := v_done OR v_seen < v_chunk;
+    END LOOP;
+    IF p_dry_run THEN
+      v_total := v_total + cardinality(v_ids);
+    ELSIF cardinality(v_ids) > 0 THEN
+      DELETE FROM tide.outbox_messages m WHERE m.id = ANY (v_ids); -- by primary key: no plan reads the outbox
+      GET DIAGNOSTICS v_deleted = ROW_COUNT;
+      v_total := v_total + v_deleted;
+    END IF;
+    EXIT WHEN NOT p_dry_run AND v_total >= p_batch;
+  END LOOP;
+  RETURN v_total;
 END $$;
 
 -- Deletes at most p_batch processed rows past processed_retention_hours and dead letters past
@@ -156,6 +207,23 @@ BEGIN
     EXIT WHEN NOT p_dry_run AND v_total >= p_batch;
   END LOOP;
   RETURN v_total;
+END $$;
+
+-- The relays' periodic sweep: at most p_batch outbox messages and p_batch inbox rows, one session at
+-- a time. A relay calls it every minute and again while it deleted a full batch; while another
+-- session is sweeping it returns no row and does nothing, so relays never sweep side by side (they
+-- would read and delete the same rows).
+CREATE FUNCTION tide.retention_sweep(p_batch integer DEFAULT 5000)
+RETURNS TABLE (outbox_deleted bigint, inbox_deleted bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  PERFORM tide.check_sweep('retention_sweep', p_batch, false);
+  IF NOT pg_try_advisory_xact_lock(7436001003) THEN
+    RETURN;
+  END IF;
+  outbox_deleted := tide.outbox_retention_sweep(NULL, p_batch);
+  inbox_deleted := tide.inbox_retention_sweep(NULL, p_batch);
+  RETURN NEXT;
 END $$;
 
 -- Forward dead letters: messages a sink refused permanently or past their retry budget.
@@ -251,11 +319,23 @@ SELECT p.name AS pipeline, p.direction, p.enabled, p.plugin_type,
        p.consumer_group, s.relay_group_id, s.owner_id, s.heartbeat_at, s.healthy, s.last_error, s.last_error_at,
        s.retry_attempt, s.circuit,
        CASE WHEN p.direction = 'forward' THEN
-         (SELECT tide.undelivered_count(g.outbox_name, g.low, g.high, g.cursor_id) FROM tide.consumer_groups g
-           WHERE g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group
-             AND g.relay_group_id = coalesce(s.relay_group_id, 'default'))
+         tide.consumer_group_lag(p.outbox_name, p.consumer_group, coalesce(s.relay_group_id, 'default'))
        END AS lag,
        (SELECT count(*) FROM tide.relay_dlq d WHERE d.pipeline = p.name AND d.status IN ('open', 'requeued')) AS dlq_depth
   FROM tide.relay_pipelines p
   LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name
  ORDER BY p.name, s.relay_group_id;
+
+-- Consumer groups no pipeline reads, with messages waiting. Nothing moves their position: unless an
+-- application consumes them itself (consumer_next_batch, consumer_commit), they keep every message
+-- after it from the retention sweep, forever. Typically the group of a deleted pipeline
+-- (relay_delete keeps it, so that a pipeline created again resumes where it stopped); drop it with
+-- tide.drop_consumer_group(group_name, outbox_name).
+CREATE VIEW tide.unread_consumer_groups AS
+SELECT g.outbox_name, g.group_name, g.relay_group_id, l.lag, g.updated_at AS position_moved_at
+  FROM tide.consumer_groups g
+ CROSS JOIN LATERAL (SELECT tide.consumer_group_lag(g.outbox_name, g.group_name, g.relay_group_id) AS lag) l
+ WHERE NOT EXISTS (SELECT 1 FROM tide.relay_pipelines p
+                    WHERE p.outbox_name = g.outbox_name AND p.consumer_group = g.group_name)
+   AND l.lag > 0
+ ORDER BY g.outbox_name, g.group_name, g.relay_group_id;

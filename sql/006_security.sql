@@ -33,8 +33,9 @@ GRANT EXECUTE ON FUNCTION
 TO tide_publisher;
 
 -- Monitoring: views and redacted catalog reads.
-GRANT SELECT ON tide.consumer_lag, tide.outbox_pending, tide.pipeline_status, tide.outboxes, tide.inboxes,
-                tide.consumer_groups, tide.relay_pipeline_state, tide.relay_dlq, tide.plugin_types
+GRANT SELECT ON tide.consumer_lag, tide.outbox_pending, tide.pipeline_status, tide.unread_consumer_groups,
+                tide.outboxes, tide.inboxes, tide.consumer_groups, tide.relay_pipeline_state, tide.relay_dlq,
+                tide.plugin_types
    TO tide_reader, tide_relay;
 GRANT EXECUTE ON FUNCTION
   tide.relay_get_config(text),
@@ -43,7 +44,8 @@ GRANT EXECUTE ON FUNCTION
   tide.inbox_pending(text),
   -- called by the monitoring views, which run functions with the reader's rights
   tide.is_delivered(xid8, bigint, pg_snapshot, pg_snapshot, bigint),
-  tide.undelivered_count(text, pg_snapshot, pg_snapshot, bigint)
+  tide.undelivered_count(text, pg_snapshot, pg_snapshot, bigint),
+  tide.consumer_group_lag(text, text, text)
 TO tide_reader;
 
 -- The relay reads raw configs (it needs the secrets) and drives positions, DLQ and state.

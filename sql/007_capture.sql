@@ -77,8 +77,10 @@ LANGUAGE sql IMMUTABLE AS $$
   SELECT jsonb_object_agg(c, p_row -> c) FROM unnest(p_columns) AS c
 $$;
 
+-- STABLE, as jsonb_build_object is: an IMMUTABLE SQL function around a stable call is not inlined,
+-- and a call per captured row that is not inlined is parsed and planned again every statement.
 CREATE FUNCTION tide.capture_headers(p_op text, p_schema text, p_table text, p_key jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
+LANGUAGE sql STABLE AS $$
   SELECT jsonb_build_object('op', p_op, 'table_schema', p_schema, 'table_name', p_table, 'key', p_key)
 $$;
 
@@ -112,35 +114,38 @@ END $$;
 
 -- The trigger behind every capture, run with the rights of the role that wrote to the table.
 -- TG_ARGV[0] is the outbox (for people reading \d), TG_ARGV[1] the primary key columns (recorded by
--- capture_table, so no catalog lookup per statement). Transition tables carry no statistics, so the
+-- capture_table, so no catalog lookup per statement). Static SQL, not EXECUTE: PL/pgSQL compiles a
+-- trigger function once per trigger and keeps its plans for the session, where a dynamic statement
+-- was parsed and planned on every captured statement. Transition tables carry no statistics, so the
 -- planner would pair old and new rows of a large UPDATE with a nested loop; a hash join keeps it
 -- linear. JIT is off: its compile time (~200 ms) dwarfs the statement. Each row's JSON is built once
--- (OFFSET 0).
+-- (OFFSET 0); its key is a plain expression (a generic function per row costs ~9 µs).
 CREATE FUNCTION tide.capture_trigger() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp SET enable_nestloop = off SET enable_mergejoin = off SET jit = off AS $$
 DECLARE
+  v_declared boolean;
   v_may_publish boolean;
   v_key text[];
-  v_key_of text;
 BEGIN
   -- The rows are read from tide_new_rows / tide_old_rows by name: only a trigger that declares them
-  -- as its transition tables may run, so that those names cannot mean anything else.
-  IF TG_LEVEL <> 'STATEMENT' OR TG_WHEN <> 'AFTER' OR TG_NARGS <> 2 OR NOT EXISTS (
-       SELECT 1 FROM pg_trigger t
-        WHERE t.tgrelid = TG_RELID AND t.tgname = TG_NAME
-          AND t.tgnewtable IS NOT DISTINCT FROM CASE WHEN TG_OP IN ('INSERT', 'UPDATE') THEN 'tide_new_rows' END
-          AND t.tgoldtable IS NOT DISTINCT FROM CASE WHEN TG_OP IN ('DELETE', 'UPDATE') THEN 'tide_old_rows' END) THEN
+  -- as its transition tables may run, so that those names cannot mean anything else. Writers need
+  -- tide_publisher: USAGE on the schema and EXECUTE on capture_publish. One statement for both.
+  SELECT EXISTS (
+           SELECT 1 FROM pg_trigger t
+            WHERE t.tgrelid = TG_RELID AND t.tgname = TG_NAME
+              AND t.tgnewtable IS NOT DISTINCT FROM CASE WHEN TG_OP IN ('INSERT', 'UPDATE') THEN 'tide_new_rows' END
+              AND t.tgoldtable IS NOT DISTINCT FROM CASE WHEN TG_OP IN ('DELETE', 'UPDATE') THEN 'tide_old_rows' END),
+         has_schema_privilege('tide', 'USAGE')
+           AND coalesce((SELECT has_function_privilege(p.oid, 'EXECUTE') FROM pg_proc p
+                          WHERE p.proname = 'capture_publish' AND p.pronamespace = 'tide'::regnamespace), false)
+    INTO v_declared, v_may_publish;
+  IF TG_LEVEL <> 'STATEMENT' OR TG_WHEN <> 'AFTER' OR TG_NARGS <> 2 OR NOT v_declared THEN
     RAISE EXCEPTION 'trigger % on %.% was not created by tide.capture_table', quote_ident(TG_NAME),
       quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME)
       USING ERRCODE = 'object_not_in_prerequisite_state',
             HINT = format('drop it (DROP TRIGGER %I ON %I.%I) and capture the table with tide.capture_table',
                           TG_NAME, TG_TABLE_SCHEMA, TG_TABLE_NAME);
-  END IF;
-  -- Writers need tide_publisher. Two steps: naming the function needs USAGE on the schema.
-  v_may_publish := has_schema_privilege('tide', 'USAGE');
-  IF v_may_publish THEN
-    v_may_publish := has_function_privilege('tide.capture_publish(oid, name, tide.capture_change[])', 'EXECUTE');
   END IF;
   IF NOT v_may_publish THEN
     RAISE EXCEPTION 'capture of %.%: role % writes to this captured table but may not publish its changes',
@@ -148,33 +153,35 @@ BEGIN
       USING ERRCODE = 'insufficient_privilege', HINT = format('GRANT tide_publisher TO %I', current_user);
   END IF;
   v_key := TG_ARGV[1]::text[];
-  -- The key as a plain expression over the row's JSON (a generic function per row costs ~9 µs).
-  v_key_of := 'jsonb_build_object(' ||
-    (SELECT string_agg(format('%L, %%1$s -> %L', c, c), ', ') FROM unnest(v_key) c) || ')';
-  IF TG_OP IN ('INSERT', 'DELETE') THEN
-    EXECUTE format(
-      'SELECT tide.capture_publish($1, $2, array_agg(ROW(%1$L, r.j, NULL, %2$s)::tide.capture_change))
-         FROM (SELECT to_jsonb(x) AS j FROM %3$s x OFFSET 0) r HAVING count(*) > 0',
-      lower(TG_OP), format(v_key_of, 'r.j'), CASE TG_OP WHEN 'INSERT' THEN 'tide_new_rows' ELSE 'tide_old_rows' END)
-    USING TG_RELID, TG_NAME;
+  IF TG_OP = 'INSERT' THEN
+    PERFORM tide.capture_publish(TG_RELID, TG_NAME, array_agg(ROW('insert', r.j, NULL,
+              CASE WHEN cardinality(v_key) = 1 THEN jsonb_build_object(v_key[1], r.j -> v_key[1])
+                   ELSE (SELECT jsonb_object_agg(c, r.j -> c) FROM unnest(v_key) c) END)::tide.capture_change))
+       FROM (SELECT to_jsonb(x) AS j FROM tide_new_rows x OFFSET 0) r HAVING count(*) > 0;
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM tide.capture_publish(TG_RELID, TG_NAME, array_agg(ROW('delete', r.j, NULL,
+              CASE WHEN cardinality(v_key) = 1 THEN jsonb_build_object(v_key[1], r.j -> v_key[1])
+                   ELSE (SELECT jsonb_object_agg(c, r.j -> c) FROM unnest(v_key) c) END)::tide.capture_change))
+       FROM (SELECT to_jsonb(x) AS j FROM tide_old_rows x OFFSET 0) r HAVING count(*) > 0;
   ELSE
     -- Old and new rows pair up by primary key. A row whose key changed shows up as a delete of the
     -- old key and an insert of the new one.
-    EXECUTE format(
-      'SELECT tide.capture_publish($1, $2, array_agg(ROW(a.op, coalesce(n.j, o.j),
-                CASE WHEN n.j IS NOT NULL AND o.j IS NOT NULL THEN
-                  coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(o.j) e
-                             WHERE n.j -> e.key IS DISTINCT FROM e.value), ''{}'') END,
-                coalesce(n.k, o.k))::tide.capture_change
-              ORDER BY CASE a.op WHEN ''delete'' THEN 0 WHEN ''update'' THEN 1 ELSE 2 END))
-         FROM (SELECT s.j, %1$s AS k FROM (SELECT to_jsonb(x) AS j FROM tide_new_rows x OFFSET 0) s OFFSET 0) n
-         FULL JOIN (SELECT s.j, %1$s AS k FROM (SELECT to_jsonb(x) AS j FROM tide_old_rows x OFFSET 0) s OFFSET 0) o
-           ON o.k = n.k
-         CROSS JOIN LATERAL (SELECT CASE WHEN o.j IS NULL THEN ''insert'' WHEN n.j IS NULL THEN ''delete''
-                                         ELSE ''update'' END AS op) a
-       HAVING count(*) > 0',
-      format(v_key_of, 's.j'))
-    USING TG_RELID, TG_NAME;
+    PERFORM tide.capture_publish(TG_RELID, TG_NAME, array_agg(ROW(a.op, coalesce(n.j, o.j),
+              CASE WHEN n.j IS NOT NULL AND o.j IS NOT NULL THEN
+                coalesce((SELECT jsonb_object_agg(e.key, e.value) FROM jsonb_each(o.j) e
+                           WHERE n.j -> e.key IS DISTINCT FROM e.value), '{}') END,
+              coalesce(n.k, o.k))::tide.capture_change
+            ORDER BY CASE a.op WHEN 'delete' THEN 0 WHEN 'update' THEN 1 ELSE 2 END))
+       FROM (SELECT s.j, CASE WHEN cardinality(v_key) = 1 THEN jsonb_build_object(v_key[1], s.j -> v_key[1])
+                              ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(v_key) c) END AS k
+               FROM (SELECT to_jsonb(x) AS j FROM tide_new_rows x OFFSET 0) s OFFSET 0) n
+       FULL JOIN (SELECT s.j, CASE WHEN cardinality(v_key) = 1 THEN jsonb_build_object(v_key[1], s.j -> v_key[1])
+                                   ELSE (SELECT jsonb_object_agg(c, s.j -> c) FROM unnest(v_key) c) END AS k
+                    FROM (SELECT to_jsonb(x) AS j FROM tide_old_rows x OFFSET 0) s OFFSET 0) o
+         ON o.k = n.k
+       CROSS JOIN LATERAL (SELECT CASE WHEN o.j IS NULL THEN 'insert' WHEN n.j IS NULL THEN 'delete'
+                                       ELSE 'update' END AS op) a
+      HAVING count(*) > 0;
   END IF;
   RETURN NULL;
 END $$;
@@ -195,34 +202,43 @@ $$;
 -- outbox the capture was recorded for. Only while a trigger runs, and only for a trigger that
 -- capture_table created and recorded; the outbox, topic and table names come from the catalog, not
 -- from the caller. Nothing in here evaluates anything the caller defined.
+--
+-- The catalog is read in one statement of single-row lookups, no joins: this runs inside
+-- capture_trigger, whose enable_nestloop = off would turn a join over pg_trigger or pg_class into a
+-- hash join over the whole catalog, on every captured statement. The trigger check is
+-- capture_trigger_op's, written out (a SQL function with SET is planned again on every call).
 CREATE FUNCTION tide.capture_publish(p_table oid, p_trigger name, p_changes tide.capture_change[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  v_capture record;
   v_outbox tide.outboxes;
-  v_schema text;
-  v_name text;
 BEGIN
-  SELECT o.* INTO v_outbox
+  SELECT c.outbox_name, c.operations[array_position(c.trigger_names, p_trigger::text)] AS op,
+         (SELECT CASE t.tgtype WHEN 4 THEN 'insert' WHEN 8 THEN 'delete' WHEN 16 THEN 'update' END
+            FROM pg_trigger t
+           WHERE t.tgrelid = p_table AND t.tgname = p_trigger AND t.tgfoid = 'tide.capture_trigger()'::regprocedure
+             AND t.tgnewtable IS NOT DISTINCT FROM CASE WHEN t.tgtype IN (4, 16) THEN 'tide_new_rows' END
+             AND t.tgoldtable IS NOT DISTINCT FROM CASE WHEN t.tgtype IN (8, 16) THEN 'tide_old_rows' END) AS trigger_op,
+         (SELECT r.relname FROM pg_class r WHERE r.oid = p_table) AS table_name,
+         (SELECT n.nspname FROM pg_namespace n WHERE n.oid = (SELECT r.relnamespace FROM pg_class r WHERE r.oid = p_table))
+           AS table_schema
+    INTO v_capture
     FROM tide.captures c
-    CROSS JOIN LATERAL unnest(c.operations, c.trigger_names) AS r(op, trigger_name)
-    JOIN tide.outboxes o ON o.name = c.outbox_name
-   WHERE c.table_oid = p_table AND r.trigger_name = p_trigger
-     AND tide.capture_trigger_op(p_table, p_trigger) = r.op;
-  IF NOT FOUND OR pg_trigger_depth() = 0 THEN
+   WHERE c.table_oid = p_table AND p_trigger = ANY (c.trigger_names);
+  IF v_capture.op IS NULL OR v_capture.trigger_op IS DISTINCT FROM v_capture.op OR pg_trigger_depth() = 0 THEN
     RAISE EXCEPTION 'capture of %: trigger % is not a capture recorded by tide.capture_table', p_table::regclass,
       quote_ident(p_trigger) USING ERRCODE = 'object_not_in_prerequisite_state',
       HINT = 'its outbox may have been dropped; drop the trigger, or capture the table again with tide.capture_table';
   END IF;
+  SELECT * INTO v_outbox FROM tide.outboxes WHERE name = v_capture.outbox_name;
   IF NOT v_outbox.enabled THEN
     RAISE EXCEPTION 'capture of %: outbox "%" is disabled', p_table::regclass, v_outbox.name
       USING ERRCODE = 'object_not_in_prerequisite_state', HINT = format('enable it with tide.outbox_enable(%L)', v_outbox.name);
   END IF;
-  SELECT n.nspname, c.relname INTO v_schema, v_name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-   WHERE c.oid = p_table;
   INSERT INTO tide.outbox_messages (outbox, topic, payload, headers)
-  SELECT v_outbox.name, v_schema || '.' || v_name,
+  SELECT v_outbox.name, v_capture.table_schema || '.' || v_capture.table_name,
          jsonb_build_object('record', x.record, 'changes', x.changes, 'action', x.action),
-         tide.capture_headers(x.action, v_schema, v_name, x.key)
+         tide.capture_headers(x.action, v_capture.table_schema, v_capture.table_name, x.key)
     FROM unnest(p_changes) WITH ORDINALITY AS x(action, record, changes, key, ord)
    ORDER BY x.ord;
   IF v_outbox.notify THEN

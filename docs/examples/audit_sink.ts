@@ -40,7 +40,7 @@ export default {
     return {
       async connect() {},
       async publish(batch: any[]) {
-        const lines = batch.map((m) => `${cfg.prefix}${m.dedupKey} ${m.eventType} ${JSON.stringify(m.payload)}\n`);
+        const lines = batch.map((m) => `${cfg.prefix}${m.dedupKey} ${m.eventType} ${m.payloadText}\n`);
         try {
           await appendFile(cfg.path, lines.join(""));
         } catch (error) {

@@ -5,6 +5,7 @@
 import postgres from "postgres";
 import { z } from "zod";
 import type { SinkDefinition } from "../../core/plugin.ts";
+import { payloadBody, toJson } from "../shared.ts";
 
 const configSchema = z.strictObject({
   /** Name of the target inbox (tide.inbox_create). */
@@ -40,14 +41,16 @@ export const inboxSink: SinkDefinition<InboxSinkConfig> = {
       },
       async publish(batch) {
         if (batch.length === 0) return [];
-        const rows = batch.map((message) => ({
-          event_id: message.dedupKey,
-          source: `outbox:${message.outbox}`,
-          payload: message.payload ?? null,
-          headers: { ...message.headers, event_type: message.eventType, ...(message.topic ? { topic: message.topic } : {}) },
-        }));
+        const db = sql!;
+        const headers = batch.map((m) => toJson({ ...m.headers, event_type: m.eventType, ...(m.topic ? { topic: m.topic } : {}) }));
         try {
-          await sql!`SELECT * FROM tide.inbox_insert_batch(${config.inbox}, ${sql!.json(rows as any)})`;
+          // Each payload's text goes in as PostgreSQL produced it, cast to jsonb, never re-serialized.
+          await db`
+            SELECT * FROM tide.inbox_insert_batch(${config.inbox}, (
+              SELECT jsonb_agg(jsonb_build_object('event_id', e, 'source', s, 'payload', p::jsonb, 'headers', h::jsonb) ORDER BY n)
+                FROM unnest(${db.array(batch.map((m) => m.dedupKey))}::text[], ${db.array(batch.map((m) => `outbox:${m.outbox}`))}::text[],
+                            ${db.array(batch.map(payloadBody))}::text[], ${db.array(headers)}::text[])
+                     WITH ORDINALITY AS m(e, s, p, h, n)))`;
         } catch (error) {
           throw ctx.errors.transient(`inbox sink "${ctx.pipeline}": writing to inbox "${config.inbox}" failed: ${(error as Error).message}`, error);
         }

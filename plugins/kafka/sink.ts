@@ -1,19 +1,25 @@
-// Sink "kafka": produces each outbox message as one Kafka record (value = JSON payload, key from a
-// template or the message's `key` header, tide metadata in headers) with kafkajs's idempotent
-// producer, one sendBatch per publish. Resolves once the broker acknowledged at the configured acks
-// level. Network and broker trouble fails the whole batch (retried); records that no retry can fix
-// go to the DLQ one by one. A topic_template's values are user data: no "." in a value unless
+// Sink "kafka": produces each outbox message as one Kafka record (value = the payload's JSON text,
+// key from a template or the message's `key` header, tide metadata in headers) with kafkajs's
+// idempotent producer. Resolves once the broker acknowledged at the configured acks level.
+// A batch goes out in as few requests as fit max_request_bytes; a request the broker still refuses
+// as too large is split in halves and sent again, never record by record. Network and broker
+// trouble fails what was not acknowledged yet (retried); records that no retry can fix go to the
+// DLQ, found by halving. A topic_template's values are user data: no "." in a value unless
 // allow_dots_in names its placeholder ({topic} always may), and no value may lead the topic name
 // into the "_" names of Kafka's own and its tools' topics (__consumer_offsets, _schemas).
 
-import { type Message, Partitioners, type Producer, type TopicMessages } from "kafkajs";
+import { Buffer } from "node:buffer";
+import { ConfigResourceTypes, type Message, Partitioners, type Producer, type TopicMessages } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, kafkaErrorTypes, TOPIC_NAME } from "./connection.ts";
-import { checkAllowDotsIn, headerText, oneTokenValues, PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, PROBE_MESSAGE, messageOf } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
+
+/** 1 MiB less room for the request's own framing: the broker's default message.max.bytes is 1048588. */
+const DEFAULT_MAX_REQUEST_BYTES = 1_000_000;
 
 const configSchema = z
   .strictObject({
@@ -50,6 +56,11 @@ const configSchema = z
     idempotent: z.boolean().optional(),
     /** Broker acknowledgement timeout and request timeout. */
     timeout_ms: z.number().int().positive().default(30_000),
+    /**
+     * The most bytes of records one produce request carries; a larger batch is split. Keep it at or
+     * below the broker's message.max.bytes (default 1048588) and the topics' max.message.bytes.
+     */
+    max_request_bytes: z.number().int().min(1024).default(DEFAULT_MAX_REQUEST_BYTES),
   })
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
@@ -77,10 +88,12 @@ export const kafkaSink: SinkDefinition<KafkaSinkConfig> = {
   create: createKafkaSink,
 };
 
+/** The broker refused a request for its size: the same records in smaller requests may pass. */
+const TOO_LARGE_TYPES = new Set(["MESSAGE_TOO_LARGE", "RECORD_LIST_TOO_LARGE"]);
+
 /** Error types of records or topics that retrying cannot fix. */
 const PERMANENT_TYPES = new Set([
-  "MESSAGE_TOO_LARGE",
-  "RECORD_LIST_TOO_LARGE",
+  ...TOO_LARGE_TYPES,
   "INVALID_TOPIC_EXCEPTION",
   "INVALID_RECORD",
   "CORRUPT_MESSAGE",
@@ -92,6 +105,8 @@ interface PendingRecord {
   message: OutboxMessage;
   topic: string;
   record: Message;
+  /** The record's size on the wire, roughly: key, value, headers and their framing. */
+  bytes: number;
 }
 
 function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
@@ -133,7 +148,8 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     headers["tide-event-type"] = message.eventType;
     headers["tide-outbox"] = message.outbox;
     headers["tide-message-id"] = message.id.toString();
-    return { message, topic, record: { key, value: toJson(message.payload), headers } };
+    const record = { key, value: payloadBody(message), headers };
+    return { message, topic, record, bytes: recordBytes(record) };
   }
 
   function renderTopic(template: string, message: OutboxMessage): string {
@@ -163,21 +179,80 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   }
 
   /**
-   * A permanent refusal does not say which record caused it: send topic by topic, then record by
-   * record, so that only the culprits reach the DLQ. Records of a topic that went through before
-   * the refusal are sent again (consumers deduplicate with the tide-dedup-key header).
+   * Sends the records in order, in requests of at most max_request_bytes. A request the broker
+   * refuses for good is split in halves and each half sent again: records that are too large, or
+   * that no retry can fix, end up alone and go to the DLQ, in a few requests instead of one per
+   * record. Records of a request that a partition refused may have reached other partitions: they
+   * are sent again (consumers deduplicate with the tide-dedup-key header).
+   *
+   * When nothing was acknowledged yet, a transient failure rejects (the whole batch is retried).
+   * After that, it fails the request's records and holds back the rest: only those are retried.
    */
-  async function isolate(records: PendingRecord[], failures: DeliveryFailure[]): Promise<void> {
-    const topics = [...new Set(records.map((r) => r.topic))];
-    const groups = topics.length > 1 ? topics.map((t) => records.filter((r) => r.topic === t)) : records.map((r) => [r]);
-    for (const group of groups) {
+  async function deliver(records: PendingRecord[], failures: DeliveryFailure[]): Promise<void> {
+    const queue = requests(records, config.max_request_bytes);
+    let acknowledged = 0;
+    let warned = false;
+    while (queue.length > 0) {
+      const group = queue.shift()!;
       try {
         await send(group);
+        acknowledged += group.length;
+        continue;
       } catch (error) {
-        if (!isPermanent(error)) throw transient(error, group);
-        if (group.length > 1) await isolate(group, failures);
-        else failures.push(permanent(group[0]!.message, `refused by Kafka: ${describeKafkaError(error)}`, error));
+        if (!isPermanent(error)) {
+          if (acknowledged === 0) throw transient(error, group);
+          const cause = transient(error, group);
+          for (const { message } of group) failures.push({ id: message.id, error: cause, retriable: true });
+          for (const { message } of queue.flat()) {
+            const held = ctx.errors.transient(`${where}: message ${message.id}: not sent because an earlier request failed: ${cause.message}`, cause);
+            failures.push({ id: message.id, error: held, retriable: true, heldBack: true });
+          }
+          return;
+        }
+        if (group.length > 1) {
+          if (!warned) {
+            warned = true;
+            const hint = isTooLarge(error)
+              ? "; to spare the extra requests, set 'max_request_bytes' to the broker's message.max.bytes or the topic's max.message.bytes"
+              : "";
+            ctx.logger.warn(`${where}: Kafka refused ${group.length} records (${sizeOf(group)} bytes) for good; sending them again in halves${hint}`, {
+              error: describeKafkaError(error),
+            });
+          }
+          const half = Math.ceil(group.length / 2);
+          queue.unshift(group.slice(0, half), group.slice(half));
+          continue;
+        }
+        const [only] = group as [PendingRecord];
+        const reason = isTooLarge(error) ? await tooLarge(only) : describeKafkaError(error);
+        failures.push(permanent(only.message, `refused by Kafka: ${reason}`, error));
       }
+    }
+  }
+
+  /** Why a record alone is too large, naming the limit it exceeds (its value when Kafka says). */
+  async function tooLarge(record: PendingRecord): Promise<string> {
+    const limit = await topicLimit(record.topic);
+    const topicLimitText = limit === undefined ? "" : ` (${limit} bytes for topic "${record.topic}")`;
+    return `the record is about ${record.bytes} bytes, more than the broker accepts: its message.max.bytes, or the topic's ` +
+      `max.message.bytes${topicLimitText}; raise that limit or make the message smaller`;
+  }
+
+  /** The topic's max.message.bytes, or undefined when it cannot be read (no DescribeConfigs permission). */
+  async function topicLimit(topic: string): Promise<number | undefined> {
+    const admin = kafka.admin();
+    try {
+      await admin.connect();
+      const described = await admin.describeConfigs({
+        resources: [{ type: ConfigResourceTypes.TOPIC, name: topic, configNames: ["max.message.bytes"] }],
+        includeSynonyms: false,
+      });
+      const value = described.resources[0]?.configEntries.find((entry) => entry.configName === "max.message.bytes")?.configValue;
+      return value === undefined ? undefined : Number(value);
+    } catch {
+      return undefined;
+    } finally {
+      await admin.disconnect().catch(() => {});
     }
   }
 
@@ -217,15 +292,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
         else failures.push(built);
       }
       if (records.length === 0) return failures;
-      try {
-        await send(records);
-      } catch (error) {
-        if (!isPermanent(error)) throw transient(error, records);
-        ctx.logger.warn(`${where}: Kafka refused the batch for good; sending its records one by one to find the culprits`, {
-          error: describeKafkaError(error),
-        });
-        await isolate(records, failures);
-      }
+      await deliver(records, failures);
       return failures;
     },
 
@@ -252,4 +319,52 @@ function keyHeader(message: OutboxMessage): string | null {
 
 function isPermanent(error: unknown): boolean {
   return kafkaErrorTypes(error).some((type) => PERMANENT_TYPES.has(type));
+}
+
+function isTooLarge(error: unknown): boolean {
+  return kafkaErrorTypes(error).some((type) => TOO_LARGE_TYPES.has(type));
+}
+
+/**
+ * The records in order, cut into requests of at most `limit` bytes. A record larger than the limit
+ * goes alone: the broker (or the topic's own limit) decides.
+ */
+function requests(records: PendingRecord[], limit: number): PendingRecord[][] {
+  const groups: PendingRecord[][] = [];
+  let current: PendingRecord[] = [];
+  let bytes = BATCH_OVERHEAD_BYTES;
+  for (const record of records) {
+    if (current.length > 0 && bytes + record.bytes > limit) {
+      groups.push(current);
+      current = [];
+      bytes = BATCH_OVERHEAD_BYTES;
+    }
+    current.push(record);
+    bytes += record.bytes;
+  }
+  if (current.length > 0) groups.push(current);
+  return groups;
+}
+
+// Record framing in Kafka's format v2, generously: length, attributes, timestamp and offset deltas,
+// key and value lengths (varints); per header its two lengths. The batch header comes on top, once.
+const RECORD_OVERHEAD_BYTES = 32;
+const HEADER_OVERHEAD_BYTES = 10;
+const BATCH_OVERHEAD_BYTES = 70;
+
+function recordBytes(record: Message): number {
+  let bytes = RECORD_OVERHEAD_BYTES + byteLength(record.key) + byteLength(record.value);
+  for (const [name, value] of Object.entries(record.headers ?? {})) {
+    bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + byteLength(value as string | Buffer | undefined);
+  }
+  return bytes;
+}
+
+function byteLength(value: string | Buffer | null | undefined): number {
+  if (value === null || value === undefined) return 0;
+  return typeof value === "string" ? Buffer.byteLength(value) : value.byteLength;
+}
+
+function sizeOf(records: PendingRecord[]): number {
+  return records.reduce((sum, r) => sum + r.bytes, BATCH_OVERHEAD_BYTES);
 }

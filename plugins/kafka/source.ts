@@ -8,7 +8,7 @@ import { z } from "zod";
 import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
 import { availableCompressions } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, TOPIC_NAME } from "./connection.ts";
-import { cloudEventId } from "../shared.ts";
+import { cloudEventId, inboundPayload } from "../shared.ts";
 
 const topicName = z.string().regex(TOPIC_NAME, "must be a Kafka topic name (letters, digits, '.', '_', '-')");
 
@@ -251,26 +251,16 @@ function toInbound(topic: string, partition: number, record: KafkaMessage, quali
     // A repeated header arrives as a list; keep all its values.
     headers[name] = Array.isArray(value) ? value.map((v) => v.toString()) : value.toString();
   }
-  const payload = parseValue(record.value);
+  // The value as it came (a tombstone, no value, is null); parsed only to look for an id.
+  const { payloadText, parsed } = inboundPayload(record.value);
   // A structured CloudEvents body carries its id inside; binary mode has it in the ce_id header.
   const eventId = EVENT_ID_HEADERS.map((name) => headers[name]).find((v): v is string => typeof v === "string" && v !== "") ??
-    cloudEventId(payload);
+    cloudEventId(parsed);
   return {
     eventId,
     transportId: qualifyTopic ? `kafka:${topic}/${partition}-${record.offset}` : `kafka:${partition}-${record.offset}`,
-    payload,
+    payloadText,
     headers,
     source: `kafka:${topic}`,
   };
-}
-
-/** JSON when the value is JSON, else the text itself; a tombstone (no value) is null. */
-function parseValue(value: Buffer | null): unknown {
-  if (value === null) return null;
-  const text = value.toString("utf8");
-  try {
-    return JSON.parse(text);
-  } catch {
-    return text;
-  }
 }

@@ -208,16 +208,6 @@ export function eventIdOf(headers: MsgHdrs | undefined, payload: unknown): strin
   return header || cloudEventId(payload);
 }
 
-/** JSON when the body is JSON, else the text itself. */
-export function parseBody(data: Uint8Array): unknown {
-  const text = new TextDecoder().decode(data);
-  try {
-    return JSON.parse(text);
-  } catch {
-    return text;
-  }
-}
-
 /** A valid subject to publish to: dot-separated non-empty tokens, no wildcards or whitespace. */
 export function isPublishSubject(subject: string): boolean {
   return /^[^\s.*>]+(\.[^\s.*>]+)*$/.test(subject);

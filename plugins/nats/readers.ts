@@ -6,8 +6,8 @@
 import { type Msg, nanos, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { AckPolicy, type Consumer, type ConsumerConfig, DeliverPolicy, jetstream, type JetStreamManager, type JsMsg } from "@nats-io/jetstream";
 import type { InboundMessage, PluginContext, SourceBatch } from "../../core/plugin.ts";
-import { eventIdOf, flushWithin, headersOf, parseBody } from "./connection.ts";
-import { messageOf } from "../shared.ts";
+import { eventIdOf, flushWithin, headersOf } from "./connection.ts";
+import { inboundPayload, messageOf } from "../shared.ts";
 
 export interface NatsReader {
   /** Resolves with the next non-empty batch, or null once ctx.signal aborts. */
@@ -76,11 +76,11 @@ export async function openJetStreamReader(
   }
 
   function toInbound(m: JsMsg): InboundMessage {
-    const payload = parseBody(m.data);
+    const { payloadText, parsed } = inboundPayload(m.data);
     return {
-      eventId: eventIdOf(m.headers, payload),
+      eventId: eventIdOf(m.headers, parsed),
       transportId: `nats:seq-${m.seq}`,
-      payload,
+      payloadText,
       headers: headersOf(m.headers),
       source: `nats:${m.subject}`,
     };
@@ -162,11 +162,11 @@ export function openCoreReader(nc: NatsConnection, subject: string, queue: strin
         if (dropped++ % 1000 === 0) ctx.logger.warn(`${where}: read buffer full, dropping core NATS messages`, { dropped });
         return;
       }
-      const payload = parseBody(msg.data);
+      const { payloadText, parsed } = inboundPayload(msg.data);
       buffer.push({
-        eventId: eventIdOf(msg.headers, payload),
+        eventId: eventIdOf(msg.headers, parsed),
         transportId: `nats:core-${CORE_ID_PREFIX}-${++coreCounter}`,
-        payload,
+        payloadText,
         headers: headersOf(msg.headers),
         source: `nats:${msg.subject}`,
       });

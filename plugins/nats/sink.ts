@@ -1,4 +1,4 @@
-// Sink "nats": publishes each outbox message (body = JSON payload) to a subject or a rendered
+// Sink "nats": publishes each outbox message (body = the payload's JSON text as stored) to a subject or a rendered
 // subject_template. Where a JetStream stream stores the subject, it publishes through JetStream and
 // waits for the PubAck, with Nats-Msg-Id = the dedup key so the stream drops redeliveries; elsewhere
 // it publishes on core NATS and flushes (the server got it; core NATS keeps no copy). A publish the
@@ -8,7 +8,7 @@
 // the server's own "$" APIs ($JS, $SYS, $KV), which the relay's credentials may be allowed to use.
 
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
-import { jetstream, type JetStreamClient, type JetStreamManager, type PubAck } from "@nats-io/jetstream";
+import type { JetStreamManager } from "@nats-io/jetstream";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import {
@@ -21,7 +21,8 @@ import {
   openManager,
   PublishDenials,
 } from "./connection.ts";
-import { checkAllowDotsIn, headerText, oneTokenValues, toJson, messageOf } from "../shared.ts";
+import { JetStreamPublisher, type Outgoing } from "./jetstream_publisher.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, messageOf } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -63,6 +64,8 @@ export const natsSink: SinkDefinition<NatsSinkConfig> = {
 const NO_STREAM_RECHECK_MS = 60_000;
 /** The same in mode "jetstream", where messages wait for that stream: asked again on every retry. */
 const MISSING_STREAM_RECHECK_MS = 0;
+/** The headers the sink sets on every message. */
+const TIDE_HEADERS = new Set(["Tide-Event-Type", "Tide-Outbox", "Tide-Message-Id", "Nats-Msg-Id"]);
 /** Subjects whose route is remembered; templates can render many. */
 const ROUTE_CACHE_SIZE = 10_000;
 
@@ -82,7 +85,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   const encoder = new TextEncoder();
   const routes = new Map<string, { route: Route | "missing"; until: number }>();
   let nc: NatsConnection | undefined;
-  let js: JetStreamClient | undefined;
+  let publisher: JetStreamPublisher | undefined;
   let jsm: JetStreamManager | undefined;
   let denials: PublishDenials | undefined;
   let closing: Promise<void> | undefined;
@@ -115,18 +118,23 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
 
   function headersFor(message: OutboxMessage): MsgHdrs {
     const h = natsHeaders();
+    let clash = false;
     for (const [name, value] of Object.entries(message.headers)) {
+      clash ||= TIDE_HEADERS.has(name);
       try {
-        h.set(name, headerText(value).replace(/[\r\n]+/g, " "));
+        // A JSON object's names are distinct: append (set would look for the name first).
+        h.append(name, headerText(value).replace(/[\r\n]+/g, " "));
       } catch {
         ctx.logger.debug(`${where}: header "${name}" is not a valid NATS header name; not sent`, { id: message.id.toString() });
       }
     }
-    h.set("Tide-Event-Type", message.eventType);
-    h.set("Tide-Outbox", message.outbox);
-    h.set("Tide-Message-Id", message.id.toString());
+    // tide's own headers replace a message header of the same name (set), which is rare: append.
+    const put = clash ? h.set.bind(h) : h.append.bind(h);
+    put("Tide-Event-Type", message.eventType);
+    put("Tide-Outbox", message.outbox);
+    put("Tide-Message-Id", message.id.toString());
     // JetStream dedups on it; core subscribers (and the nats source) can use it as the event id.
-    h.set("Nats-Msg-Id", message.dedupKey);
+    put("Nats-Msg-Id", message.dedupKey);
     return h;
   }
 
@@ -180,7 +188,6 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       const connection = await connectNats(config, ctx, where);
       try {
         if (config.mode !== "core") {
-          js = jetstream(connection, { timeout: config.timeout_ms });
           jsm = await openManager(connection, config.timeout_ms, config.mode, where, ctx);
           if (config.subject && config.mode === "jetstream") {
             const found = await findStream(jsm, config.subject);
@@ -193,6 +200,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       }
       nc = connection;
       denials = new PublishDenials(connection);
+      publisher = new JetStreamPublisher(connection);
     },
 
     async publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
@@ -202,33 +210,21 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       const planned = await plan(batch, failures);
       denials!.clear();
       // Everything goes out at once, in order, on one connection; then the acks are collected.
-      const sent: { item: Planned; ack?: Promise<PubAck>; error?: unknown }[] = [];
+      const outgoing: Outgoing[] = [];
       for (const item of planned) {
-        const data = encoder.encode(toJson(item.message.payload));
-        const h = headersFor(item.message);
-        try {
-          if (item.route === "jetstream") {
-            const ack = js!.publish(item.subject, data, { msgID: item.message.dedupKey, headers: h, timeout: config.timeout_ms });
-            ack.catch(() => {});
-            sent.push({ item, ack });
-          } else {
-            nc.publish(item.subject, data, { headers: h });
-            sent.push({ item });
-          }
-        } catch (error) {
-          sent.push({ item, error });
-        }
+        const data = encoder.encode(payloadBody(item.message));
+        outgoing.push({ subject: item.subject, data, headers: headersFor(item.message), ack: item.route === "jetstream" });
       }
+      const sendErrors = await publisher!.publishAll(outgoing, config.timeout_ms);
       let flushError: unknown;
       let denied = new Map<string, Error>();
-      if (sent.some((s) => s.item.route === "core" && s.error === undefined)) {
+      if (planned.some((item, i) => item.route === "core" && sendErrors[i] === undefined)) {
         await flushWithin(nc, config.timeout_ms).catch((error) => (flushError = error));
         if (flushError === undefined) denied = await denials!.take();
       }
       let broken: { id: bigint; error: unknown } | undefined;
-      for (const { item, ack, error: sendError } of sent) {
-        let error = sendError ?? (item.route === "core" ? flushError ?? denied.get(item.subject) : undefined);
-        if (ack) error = await ack.then(() => undefined, (e) => e);
+      for (const [i, item] of planned.entries()) {
+        const error = sendErrors[i] ?? (item.route === "core" ? flushError ?? denied.get(item.subject) : undefined);
         if (broken) {
           // Later messages would land before the failed one on retry: fail them too (the stream drops the repeats).
           failures.push(heldBack(item.message, `not delivered because message ${broken.id} before it failed: ${messageOf(broken.error)}`));
@@ -258,6 +254,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       closing ??= (async () => {
         const current = nc;
         nc = undefined;
+        publisher?.close();
         await current?.drain().catch(() => current.close().catch(() => {}));
       })();
       await closing;

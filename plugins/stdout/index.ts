@@ -4,7 +4,7 @@
 import process from "node:process";
 import { z } from "zod";
 import type { OutboxMessage, SinkDefinition } from "../../core/plugin.ts";
-import { messageOf } from "../shared.ts";
+import { messageOf, payloadBody, withPayload } from "../shared.ts";
 
 export type LineFormat = "json" | "payload";
 
@@ -63,24 +63,17 @@ export default stdoutSink;
  * payload: the payload alone.
  */
 export function formatLine(message: OutboxMessage, format: LineFormat): string {
-  const value =
-    format === "payload"
-      ? message.payload
-      : {
-          id: message.id.toString(),
-          outbox: message.outbox,
-          topic: message.topic,
-          event_type: message.eventType,
-          op: message.op,
-          dedup_key: message.dedupKey,
-          headers: message.headers,
-          payload: message.payload,
-        };
-  return (JSON.stringify(value, bigintAsString) ?? "null") + "\n";
-}
-
-function bigintAsString(_key: string, value: unknown): unknown {
-  return typeof value === "bigint" ? value.toString() : value;
+  if (format === "payload") return `${payloadBody(message)}\n`;
+  const fields = {
+    id: message.id.toString(),
+    outbox: message.outbox,
+    topic: message.topic,
+    event_type: message.eventType,
+    op: message.op,
+    dedup_key: message.dedupKey,
+    headers: message.headers,
+  };
+  return `${withPayload(fields, message)}\n`;
 }
 
 // Resolves on the write callback, so a slow reader of the pipe slows the pipeline instead of

@@ -7,7 +7,7 @@ import { isIP } from "node:net";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { createSigner, secretBytes } from "./sign.ts";
-import { PROBE_MESSAGE, toJson, messageOf } from "../shared.ts";
+import { PROBE_MESSAGE, payloadBody, withPayload, messageOf } from "../shared.ts";
 
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
@@ -194,23 +194,16 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
     const headers = baseHeaders(message.dedupKey, message.outbox);
     headers.set("X-Tide-Event-Type", headerSafe(message.eventType));
     headers.set("X-Tide-Message-Id", message.id.toString());
-    return send(url, toJson(message.payload), withStaticHeaders(headers), message.dedupKey);
+    return send(url, payloadBody(message), withStaticHeaders(headers), message.dedupKey);
   }
 
   async function publishBatch(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
     const first = batch[0]!;
     const last = batch[batch.length - 1]!;
     const idempotencyKey = `${first.dedupKey}..${last.id}`;
-    const body = toJson(
-      batch.map((m) => ({
-        id: m.id.toString(),
-        dedup_key: m.dedupKey,
-        topic: m.topic,
-        event_type: m.eventType,
-        headers: m.headers,
-        payload: m.payload,
-      })),
-    );
+    const body = `[${batch
+      .map((m) => withPayload({ id: m.id.toString(), dedup_key: m.dedupKey, topic: m.topic, event_type: m.eventType, headers: m.headers }, m))
+      .join(",")}]`;
     const headers = withStaticHeaders(baseHeaders(idempotencyKey, first.outbox));
     const failure = await send(config.url!, body, headers, idempotencyKey);
     if (!failure) return [];

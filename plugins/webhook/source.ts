@@ -9,7 +9,7 @@ import { Buffer } from "node:buffer";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { z } from "zod";
 import type { InboundMessage, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
-import { cloudEventId } from "../shared.ts";
+import { cloudEventId, inboundPayload } from "../shared.ts";
 import { secretBytes } from "./sign.ts";
 
 const configSchema = z
@@ -201,22 +201,17 @@ function droppedHeaders(sig: Signature | undefined): (name: string) => boolean {
 }
 
 function toMessage(request: Request, bytes: Uint8Array, scheme: Scheme | undefined, dropped: (name: string) => boolean): InboundMessage {
-  const body = new TextDecoder().decode(bytes);
-  let payload: unknown = body;
-  try {
-    payload = JSON.parse(body);
-  } catch {
-    // not JSON: stored as a JSON string
-  }
+  // The body goes into the inbox as it came (not JSON: as a JSON string); parsed only to find its id.
+  const { payloadText, parsed } = inboundPayload(bytes);
   const headers: Record<string, string> = {};
   request.headers.forEach((value, key) => {
     if (!dropped(key)) headers[key] = value;
   });
   return {
-    eventId: eventIdOf(scheme, request.headers, payload),
+    eventId: eventIdOf(scheme, request.headers, parsed),
     // The same body sent twice (a client retry without an id) maps to the same row.
     transportId: `webhook:${createHash("sha256").update(bytes).digest("hex").slice(0, 32)}`,
-    payload,
+    payloadText,
     headers,
     source: `webhook:${new URL(request.url).pathname}`,
   };

@@ -91,7 +91,7 @@ path = "${shoutLog}"
         const lines = text.split("\n").filter(Boolean);
         return lines.length === 5 && lines;
       });
-      expect(audit[0]).toMatch(/^audit:orders:\d+ order\.created \{"item":"widget","order":1\}$/);
+      expect(audit[0]).toMatch(/^audit:orders:\d+ order\.created \{"item": "widget", "order": 1\}$/);
     } finally {
       relay.kill("SIGTERM");
     }

@@ -21,6 +21,7 @@ function message(id: number, subject: string): OutboxMessage {
     outbox: "orders",
     topic: null,
     payload: { subject },
+    payloadText: JSON.stringify({ subject }),
     headers: {},
     dedupKey: `orders:${id}`,
     eventType: "order.created",
@@ -170,7 +171,7 @@ describe.skipIf(!available)("nats connectors on a server that requires authentic
     try {
       publisher.publish(subject, JSON.stringify({ n: 1 }));
       await publisher.flush();
-      expect((await source.read())!.messages.map((m) => m.payload)).toEqual([{ n: 1 }]);
+      expect((await source.read())!.messages.map((m) => JSON.parse(m.payloadText!))).toEqual([{ n: 1 }]);
     } finally {
       await publisher.close();
       await source.close();

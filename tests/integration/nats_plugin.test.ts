@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import type { OutboxMessage, PluginContext, PluginDefinition, SourceInstance } from "../../core/plugin.ts";
+import { toJson } from "../../plugins/shared.ts";
 import { natsSink, natsSource } from "../../plugins/nats/index.ts";
 import { requireService } from "../support/services.ts";
 import { collectNats, parseConfig, pluginContext } from "../support/plugins.ts";
@@ -16,7 +17,7 @@ const URL = "nats://127.0.0.1:4222";
 const up = await requireService("nats", "127.0.0.1", 4222);
 
 function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
-  return {
+  const fields = {
     id: BigInt(id),
     outbox: "orders",
     topic: null,
@@ -28,6 +29,7 @@ function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMess
     createdAt: new Date(),
     ...overrides,
   };
+  return { ...fields, payloadText: overrides.payloadText ?? toJson(fields.payload) };
 }
 
 const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
@@ -197,7 +199,7 @@ describe.skipIf(!up)("nats", () => {
         const batch = (await source.read())!;
         expect(batch.messages.map((m) => m.transportId)).toEqual(["nats:seq-1", "nats:seq-2", "nats:seq-3"]);
         expect(batch.messages.map((m) => m.eventId)).toEqual(["payment-1", undefined, undefined]);
-        expect(batch.messages.map((m) => m.payload)).toEqual([{ payment_id: "pay-001" }, { payment_id: "pay-002" }, "not json at all"]);
+        expect(batch.messages.map((m) => JSON.parse(m.payloadText!))).toEqual([{ payment_id: "pay-001" }, { payment_id: "pay-002" }, "not json at all"]);
         expect(batch.messages[0]!.headers).toEqual({ "Nats-Msg-Id": "payment-1" });
         expect(batch.messages[0]!.source).toBe(`nats:${prefix}.confirmed`);
         await batch.ack();
@@ -260,7 +262,7 @@ describe.skipIf(!up)("nats", () => {
       const seen: Record<string, string[]> = { a: [], b: [] };
       const drain = async (name: string, source: SourceInstance) => {
         for (let batch = await source.read(); batch; batch = await source.read()) {
-          seen[name]!.push(...batch.messages.map((m) => String(m.payload)));
+          seen[name]!.push(...batch.messages.map((m) => String(JSON.parse(m.payloadText!))));
           await batch.ack();
           if (seen.a!.length + seen.b!.length >= 40) stop.abort();
         }
@@ -286,7 +288,7 @@ describe.skipIf(!up)("nats", () => {
         await nc.flush();
         const got = [];
         while (got.length < 2) got.push(...(await source.read())!.messages);
-        expect(got.map((m) => m.payload)).toEqual(["plain text", [1, 2]]);
+        expect(got.map((m) => JSON.parse(m.payloadText!))).toEqual(["plain text", [1, 2]]);
         expect(got.map((m) => m.eventId)).toEqual(["orders:9", undefined]);
         expect(got[0]!.transportId).toMatch(/^nats:core-[0-9a-f]{8}-\d+$/);
       } finally {

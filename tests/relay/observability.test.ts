@@ -237,7 +237,7 @@ describe("pipeline status", () => {
       hostname: "127.0.0.1",
       port: 0,
       async fetch(request) {
-        const kind = /"kind":"(\w+)"/.exec(await request.text())?.[1] ?? "?";
+        const kind = /"kind":\s*"(\w+)"/.exec(await request.text())?.[1] ?? "?";
         const seen = (requests.get(kind) ?? 0) + 1;
         requests.set(kind, seen);
         if (kind === "reject") return new Response("no such customer", { status: 400 });

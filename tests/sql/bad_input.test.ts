@@ -105,7 +105,7 @@ describe("unknown plugin types", () => {
   it("relay_set_outbox with an unknown sink type lists the known ones", async () => {
     await rejects(
       `SELECT tide.relay_set_outbox('p', 'orders', 'carrier-pigeon', '{}'::jsonb)`,
-      "unknown sink type 'carrier-pigeon'", "file, inbox, kafka, nats, stdout, webhook",
+      "unknown sink type 'carrier-pigeon'", "file, inbox, kafka, mqtt, nats, rabbitmq, redis, stdout, webhook",
     );
   });
 
@@ -122,12 +122,12 @@ describe("unknown plugin types", () => {
 
   it("relay_set_inbox with an unknown source type lists the known ones", async () => {
     await rejects(
-      `SELECT tide.relay_set_inbox('p', 'payments', '{}'::jsonb, p_source := 'mqtt')`,
-      "unknown source type 'mqtt'", "kafka, nats, webhook",
+      `SELECT tide.relay_set_inbox('p', 'payments', '{}'::jsonb, p_source := 'sqs')`,
+      "unknown source type 'sqs'", "kafka, mqtt, nats, rabbitmq, redis, webhook",
     );
     await rejects(
       `SELECT tide.relay_set_inbox('p', 'payments', '{"source_type": "stdout"}'::jsonb)`,
-      "unknown source type 'stdout'", "kafka, nats, webhook",
+      "unknown source type 'stdout'", "kafka, mqtt, nats, rabbitmq, redis, webhook",
     );
   });
 

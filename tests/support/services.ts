@@ -30,3 +30,21 @@ export async function requireService(name: string, host: string, port: number): 
   console.warn(`skipping ${name} tests: ${reason}`);
   return false;
 }
+
+// The shared servers of the RabbitMQ, Redis and MQTT suites (scripts/services.sh starts them when
+// they are installed and not running); check them with requireService like NATS and Kafka.
+export const RABBITMQ = { name: "rabbitmq", host: "127.0.0.1", port: 5672, url: "amqp://127.0.0.1:5672" } as const;
+export const REDIS = { name: "redis", host: "127.0.0.1", port: 6379, url: "redis://127.0.0.1:6379" } as const;
+export const MQTT = { name: "mqtt", host: "127.0.0.1", port: 1883, url: "mqtt://127.0.0.1:1883" } as const;
+
+/**
+ * True when `binary` is on PATH. When it is not: throws under TIDE_REQUIRE_SERVICES=1, else says
+ * why the tests that start their own server are skipped (use with describe.skipIf).
+ */
+export function requireBinary(binary: string, what: string): boolean {
+  if (Bun.which(binary)) return true;
+  const reason = `the ${binary} binary is not on PATH`;
+  if (REQUIRE_SERVICES) throw new Error(`${reason} (TIDE_REQUIRE_SERVICES=1)`);
+  console.warn(`skipping ${what}: ${reason}`);
+  return false;
+}

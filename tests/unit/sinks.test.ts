@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ConfigError, pluginErrors } from "../../core/errors.ts";
 import type { OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
+import { toJson } from "../../plugins/shared.ts";
 import { validatePluginConfig } from "../../core/plugins.ts";
 import { renderTemplate } from "../../core/template.ts";
 import fileSink from "../../plugins/file/index.ts";
@@ -13,7 +14,7 @@ import { defineStdoutSink } from "../../plugins/stdout/index.ts";
 import webhookSink, { isPrivateAddress } from "../../plugins/webhook/index.ts";
 
 function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMessage {
-  return {
+  const fields = {
     id: BigInt(id),
     outbox: "orders",
     topic: "eu",
@@ -25,6 +26,7 @@ function message(id: number, overrides: Partial<OutboxMessage> = {}): OutboxMess
     createdAt: new Date("2026-01-01T00:00:00Z"),
     ...overrides,
   };
+  return { ...fields, payloadText: overrides.payloadText ?? toJson(fields.payload) };
 }
 
 function context(signal = new AbortController().signal): PluginContext {

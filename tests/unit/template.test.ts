@@ -1,10 +1,11 @@
 import { describe, expect, it } from "bun:test";
 import { ConfigError } from "../../core/errors.ts";
 import type { OutboxMessage } from "../../core/plugin.ts";
+import { toJson } from "../../plugins/shared.ts";
 import { compileTemplate, eventTypeOf, opOf, renderTemplate } from "../../core/template.ts";
 
 function message(overrides: Partial<OutboxMessage> = {}): OutboxMessage {
-  return {
+  const fields = {
     id: 42n,
     outbox: "orders",
     topic: "eu",
@@ -16,6 +17,7 @@ function message(overrides: Partial<OutboxMessage> = {}): OutboxMessage {
     createdAt: new Date("2026-01-01T00:00:00Z"),
     ...overrides,
   };
+  return { ...fields, payloadText: overrides.payloadText ?? toJson(fields.payload) };
 }
 
 describe("templates", () => {
