@@ -187,6 +187,23 @@ export async function endAfterWrites(client: MqttClient): Promise<void> {
   await endNow(client);
 }
 
+/**
+ * Ends a client with a DISCONNECT, which the broker reads after every acknowledgement sent before
+ * it; at once when that does not finish within WRITE_DRAIN_MS. Not while a message waits for its
+ * acknowledgement: mqtt.js does not finish ending then (use endAfterWrites).
+ */
+export async function endGracefully(client: MqttClient): Promise<void> {
+  if (!client.connected) return await endNow(client);
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const ended = new Promise<"ended">((resolve) => client.end(false, {}, () => resolve("ended")));
+  const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), WRITE_DRAIN_MS)));
+  try {
+    if ((await Promise.race([ended, late])) === "late") await endNow(client);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 const WRITE_DRAIN_MS = 2_000;
 
 /** The server as errors name it: scheme, host and port, never credentials. */

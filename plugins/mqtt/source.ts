@@ -8,7 +8,9 @@
 import type { IClientSubscribeOptions, IPublishPacket, MqttClient } from "mqtt";
 import { z } from "zod";
 import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
-import { checkConnection, clientIdOf, connectionShape, connectMqtt, endAfterWrites, endNow, isTopicFilter, lastErrorOf, serverOf } from "./connection.ts";
+import {
+  checkConnection, clientIdOf, connectionShape, connectMqtt, endAfterWrites, endGracefully, endNow, isTopicFilter, lastErrorOf, serverOf,
+} from "./connection.ts";
 import { cloudEventId, inboundPayload, messageOf } from "../shared.ts";
 
 const topicFilter = z.string().refine(isTopicFilter, "must be an MQTT topic filter (\"+\" fills a whole level, \"#\" only the whole last one)");
@@ -187,10 +189,11 @@ function createMqttSource(config: MqttSourceConfig, ctx: PluginContext) {
       closing ??= (async () => {
         wake?.();
         const current = client;
+        const waiting = held !== undefined;
         client = undefined;
         held = undefined;
-        // The last acknowledgement must leave before the connection ends.
-        if (current) await endAfterWrites(current);
+        // The last acknowledgement must reach the broker before the connection ends.
+        if (current) await (waiting ? endAfterWrites(current) : endGracefully(current));
       })();
       await closing;
     },

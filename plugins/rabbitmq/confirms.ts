@@ -42,7 +42,9 @@ export async function publishConfirmed(ch: ConfirmChannel, publications: Publica
       try {
         writable = ch.publish(p.exchange, p.routingKey, p.body, p.properties, (error) => resolve(error ? { ok: false, error } : { ok: true }));
       } catch (error) {
-        resolve({ ok: false, error: new EncodeError(messageOf(error)) });
+        // A RangeError: amqplib cannot encode the message (a header table over 64 KiB, a key over
+        // 255 bytes); anything else (the channel closed meanwhile) is no fault of the message.
+        resolve({ ok: false, error: error instanceof RangeError ? new EncodeError(messageOf(error)) : error });
       }
     }));
     if (!writable) await drained(ch);

@@ -124,6 +124,20 @@ describe.skipIf(!up)("rabbitmq", () => {
       expect((await take(queue, 2)).map((m) => m.properties.messageId)).toEqual(["orders:1", "orders:2"]);
     });
 
+    it("sends a message whose headers AMQP cannot carry (over 64 KiB) to the DLQ and delivers the rest", async () => {
+      const queue = await queueOf();
+      const sink = rabbitmqSink.create(await parse(rabbitmqSink, { url: URL, routing_key: queue }), context());
+      await sink.connect();
+      try {
+        const failures = await sink.publish([message(1), message(2, { headers: { note: "x".repeat(70_000) } }), message(3)]);
+        expect(failures.map((f) => [f.id, f.retriable])).toEqual([[2n, false]]);
+        expect(failures[0]!.error.message).toContain("cannot be sent");
+      } finally {
+        await sink.close();
+      }
+      expect((await take(queue, 2)).map((m) => m.properties.messageId)).toEqual(["orders:1", "orders:3"]);
+    });
+
     it("refuses a routing key value with '.' for good, naming it, unless allow_dots_in names its placeholder", async () => {
       const { exchange, queue } = await exchangeWithQueue("orders.#");
       const strict = rabbitmqSink.create(await parse(rabbitmqSink, { url: URL, exchange, routing_key_template: "orders.{payload.region}" }), context());
