@@ -56,7 +56,7 @@ try {
   for (let run = 1; run <= RUNS; run++) {
     for (const workers of WORKERS) {
       for (const system of SYSTEMS) {
-        await waitForQuiet(0.3, 30_000);
+        await waitForQuiet(0.3, 10_000);
         const measured = await measure(system, workers, `${run}_${workers}`);
         results.push(measured);
         console.log(

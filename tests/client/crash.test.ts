@@ -28,9 +28,12 @@ describe("a worker killed mid-handler", () => {
       stderr: "inherit",
     });
     const output = collectLines(child.stdout);
-    await waitFor("the worker to start three handlers", () => output.lines.length === 3);
-    child.kill("SIGKILL");
-    await child.exited;
+    try {
+      await waitFor("the worker to start three handlers", () => output.lines.length === 3);
+    } finally {
+      child.kill("SIGKILL");
+      await child.exited;
+    }
     const killed: { id: string; claimId: string; claimedUntil: string }[] = output.lines.map((line) => JSON.parse(line))
       .sort((a, b) => Number(a.id) - Number(b.id));
     const held = await db.sql.unsafe<{ id: string; claimId: string }[]>(`SELECT id::text AS id, claim_id::text AS "claimId" FROM tide.crashing_inbox WHERE claim_id IS NOT NULL ORDER BY id`);
