@@ -87,7 +87,7 @@ async function measure(system: System, workers: number, label: string): Promise<
         event_id: `${name}:${start + i}`,
         payload: PAYLOAD,
       }));
-      await sql`SELECT * FROM tide.inbox_insert_batch(${name}, ${sql.json(batch)})`;
+      await sql`SELECT * FROM tide.inbox_insert_batch(${name}, ${sql.json(batch as any)})`;
     }
   }
   await sql`VACUUM ANALYZE`;
