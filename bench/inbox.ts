@@ -7,12 +7,13 @@
 // Every case starts from N messages of ~1 KiB already waiting (inserted before the clock starts)
 // and ends when all are done. W workers run at once, each with a connection of its own, in this
 // process (the work is the database's). The cases:
-//   tide, SQL loop       tide.inbox_claim(inbox, B) then one statement marking the batch processed
-//                        (tide.inbox_mark_processed(inbox, id, claim) over unnest(ids)): what pg-boss's
-//                        loop does.
+//   tide, SQL loop       tide.inbox_claim(inbox, B) then tide.inbox_mark_processed(inbox, ids, claim)
+//                        marking the batch processed in one statement: what pg-boss's loop does.
 //   tide, client work()  pg-tide/client's work() with concurrency 1 and batchSize B per worker: each
 //                        message in a transaction of its own (BEGIN, the handler, the fenced mark,
 //                        COMMIT), as an application's side effects need.
+//   ... async commit     the same, the handler starting with SET LOCAL synchronous_commit = off
+//                        (docs/client.md, "Throughput").
 //   pg-boss              boss.fetch(queue, { batchSize: B }) then boss.complete(queue, ids).
 // Cases are interleaved run by run (the machine is shared); each figure is the median of the runs,
 // and the ratio column compares medians of the same run set. Database CPU is that of the scratch
@@ -31,8 +32,8 @@ const WORKERS = [1, 4, 16];
 const PG_BOSS = process.argv.includes("--pg-boss") ? process.argv[process.argv.indexOf("--pg-boss") + 1]! : "pg-boss";
 const PAYLOAD = payloadOfSize(1024);
 
-type System = "tide, SQL loop" | "tide, client work()" | "pg-boss";
-const SYSTEMS: System[] = ["tide, SQL loop", "tide, client work()", "pg-boss"];
+type System = "tide, SQL loop" | "tide, client work()" | "tide, client work(), async commit" | "pg-boss";
+const SYSTEMS: System[] = ["tide, SQL loop", "tide, client work()", "tide, client work(), async commit", "pg-boss"];
 
 interface Measured {
   system: System;
@@ -91,13 +92,13 @@ async function measure(system: System, workers: number, label: string): Promise<
     }
   }
   await sql`VACUUM ANALYZE`;
-  const clients = Array.from({ length: system === "tide, client work()" ? workers : 1 }, () => connectTo(db.url, workers + 1));
+  const clients = Array.from({ length: system.startsWith("tide, client") ? workers : 1 }, () => connectTo(db.url, workers + 1));
   try {
     const cpu = await startCpuAccount(() => [], { database: db.name });
     const started = performance.now();
     if (system === "pg-boss") await Promise.all(Array.from({ length: workers }, () => bossLoop(name)));
     else if (system === "tide, SQL loop") await Promise.all(Array.from({ length: workers }, () => tideLoop(clients[0]!, name)));
-    else await tideWorkers(clients, name);
+    else await tideWorkers(clients, name, system.endsWith("async commit"));
     const seconds = (performance.now() - started) / 1000;
     const used = cpu.read();
     await checkDone(system, name);
@@ -122,17 +123,17 @@ async function tideLoop(client: Sql, inbox: string): Promise<void> {
       SELECT id, claim_id, payload FROM tide.inbox_claim(${inbox}, ${BATCH}, '5 minutes')`;
     if (rows.length === 0) return;
     await client`
-      SELECT tide.inbox_mark_processed(${inbox}, id, ${rows[0]!.claim_id}::bigint)
-        FROM unnest(${rows.map((row) => row.id)}::bigint[]) AS id`;
+      SELECT tide.inbox_mark_processed(${inbox}, ${rows.map((row) => row.id)}::bigint[], ${rows[0]!.claim_id}::bigint)`;
   }
 }
 
 /** W client workers (each its own postgres.js client), stopped once every message is processed. */
-async function tideWorkers(clients: Sql[], inbox: string): Promise<void> {
+async function tideWorkers(clients: Sql[], inbox: string, asyncCommit: boolean): Promise<void> {
   let done = 0;
   const finished = Promise.withResolvers<void>();
   const workers = clients.map((client) =>
-    work(client, inbox, () => {
+    work(client, inbox, async (_message, tx) => {
+      if (asyncCommit) await tx`SET LOCAL synchronous_commit = off`;
       if (++done === MESSAGES) finished.resolve();
     }, { concurrency: 1, batchSize: BATCH, onError: (error) => console.error(error.message) })
   );

@@ -4,6 +4,7 @@
 // few seconds of a shared machine, and each variant is compared with "INSERT alone" of its own run.
 //
 //   ./node_modules/.bin/bun bench/publish.ts [--seconds 10] [--clients 8] [--runs 5] [--payload-bytes 1024]
+//                                            [--only pgbench|statements]
 //
 // The variants separate what costs what: one more statement in the transaction (SELECT 1), the
 // outbox row itself (an INSERT into a plain table with tide's columns and indexes), and tide's
@@ -12,25 +13,36 @@
 // Reported per variant: median transactions/s, p50 and p99 latency (pgbench's per-transaction log),
 // the medians of the per-run ratios to "INSERT alone", and CPU per transaction of PostgreSQL (this
 // database's backends and the shared background processes) and of pgbench.
+//
+// Then what each statement costs the server by itself: one session runs each statement 20,000 times
+// in a PL/pgSQL loop (plans cached, as with -M prepared, no commit in between), and the backend's own
+// CPU time (/proc/<pid>/stat) is divided by the count. The minimum over --runs rounds is reported:
+// other load on the machine only ever adds to it.
 
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
-  connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, scratchDatabase, startCpuAccount, summarize,
-  waitForQuiet,
+  connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, processCpuSeconds, scratchDatabase,
+  startCpuAccount, summarize, waitForQuiet,
 } from "./support.ts";
 
 const SECONDS = intFlag("seconds", 10);
 const CLIENTS = intFlag("clients", 8);
 const RUNS = intFlag("runs", 5);
 const PAYLOAD_BYTES = intFlag("payload-bytes", 1024);
+const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+if (ONLY !== undefined && ONLY !== "pgbench" && ONLY !== "statements") throw new Error("--only must be pgbench or statements");
+const LOOP = 20_000;
 const WARMUP_SECONDS = 2;
 
 const PAYLOAD = JSON.stringify(payloadOfSize(PAYLOAD_BYTES));
 const HEADERS = JSON.stringify({ event_type: "order.created" });
 const literal = (text: string) => `'${text.replaceAll("'", "''")}'`;
 const ORDER = "INSERT INTO orders (customer_id, total, status) VALUES (42, 149.99, 'new')";
+const PLAIN_ROW = `INSERT INTO plain_outbox (outbox, payload, headers) VALUES ('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`;
+const PUBLISH = `tide.outbox_publish('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`;
+const PUBLISH_TOPIC = `tide.outbox_publish('bench', 'orders', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`;
 
 interface Variant {
   name: string;
@@ -43,22 +55,10 @@ const BASELINE = "INSERT alone";
 const VARIANTS: Variant[] = [
   { name: BASELINE, statements: [ORDER] },
   { name: "INSERT + SELECT 1 (one more statement)", statements: [ORDER, "SELECT 1"] },
-  {
-    name: "INSERT + INSERT into a plain table shaped like the outbox",
-    statements: [ORDER, `INSERT INTO plain_outbox (outbox, payload, headers) VALUES ('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
-  },
-  {
-    name: "INSERT + outbox_publish (3 arguments)",
-    statements: [ORDER, `SELECT tide.outbox_publish('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
-  },
-  {
-    name: "INSERT + outbox_publish (4 arguments, topic)",
-    statements: [ORDER, `SELECT tide.outbox_publish('bench', 'orders', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
-  },
-  {
-    name: "INSERT and outbox_publish in one statement",
-    statements: [`WITH o AS (${ORDER} RETURNING id) SELECT tide.outbox_publish('bench', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb) FROM o`],
-  },
+  { name: "INSERT + INSERT into a plain table shaped like the outbox", statements: [ORDER, PLAIN_ROW] },
+  { name: "INSERT + outbox_publish (3 arguments)", statements: [ORDER, `SELECT ${PUBLISH}`] },
+  { name: "INSERT + outbox_publish (4 arguments, topic)", statements: [ORDER, `SELECT ${PUBLISH_TOPIC}`] },
+  { name: "INSERT and outbox_publish in one statement", statements: [`WITH o AS (${ORDER} RETURNING id) SELECT ${PUBLISH} FROM o`] },
   {
     name: "INSERT + outbox_publish, p_notify := true",
     statements: [ORDER, `SELECT tide.outbox_publish('bench_notify', ${literal(PAYLOAD)}::jsonb, ${literal(HEADERS)}::jsonb)`],
@@ -87,7 +87,7 @@ try {
     `${RUNS} runs, payload ${PAYLOAD.length} bytes of JSON\n`);
   await setUp();
   const runs: Run[] = [];
-  for (let round = 1; round <= RUNS; round++) {
+  for (let round = 1; round <= (ONLY === "statements" ? 0 : RUNS); round++) {
     for (const variant of VARIANTS) {
       const run = { ...(await measure(variant)), round };
       runs.push(run);
@@ -97,7 +97,8 @@ try {
       );
     }
   }
-  console.log(`\n${report(runs)}`);
+  if (runs.length > 0) console.log(`\n${report(runs)}`);
+  if (ONLY !== "pgbench") console.log(`\n${await statementCosts()}`);
 } finally {
   await sql.end();
   await db.drop();
@@ -192,3 +193,33 @@ async function pgbench(argv: string[], cwd: string): Promise<number> {
   return Number(child.resourceUsage()?.cpuTime.total ?? 0) / 1e6; // µs
 }
 
+/** Server CPU per execution of single statements, one session, minimum over the rounds. */
+async function statementCosts(): Promise<string> {
+  const statements: [string, string][] = [
+    ["INSERT into a plain table (the business row)", ORDER],
+    ["INSERT into a plain table shaped like the outbox", PLAIN_ROW],
+    ["outbox_publish (3 arguments)", `PERFORM ${PUBLISH}`],
+    ["outbox_publish (4 arguments, topic)", `PERFORM ${PUBLISH_TOPIC}`],
+    ["INSERT into a captured table (one row)", ORDER.replace("orders", "captured_orders")],
+    ["nothing (the loop itself)", "PERFORM 1"],
+  ];
+  const session = await sql.reserve();
+  try {
+    const [{ pid }] = await session`SELECT pg_backend_pid() AS pid`;
+    const best = new Map<string, number>();
+    for (let round = 1; round <= RUNS; round++) {
+      for (const [name, statement] of statements) {
+        await session.unsafe("BEGIN");
+        const before = processCpuSeconds(pid);
+        await session.unsafe(`DO $bench$ BEGIN FOR i IN 1..${LOOP} LOOP ${statement}; END LOOP; END $bench$`);
+        const us = ((processCpuSeconds(pid) - before) / LOOP) * 1e6;
+        await session.unsafe("ROLLBACK");
+        best.set(name, Math.min(best.get(name) ?? Infinity, us));
+      }
+    }
+    return `Server CPU per statement, one session, ${LOOP} executions, minimum of ${RUNS} rounds:\n\n` +
+      markdownTable(["statement", "µs"], statements.map(([name]) => [name, fixed(best.get(name)!, 1)]));
+  } finally {
+    session.release();
+  }
+}

@@ -4,8 +4,9 @@
 //
 // While the sink publishes a full batch, the next one is read ahead, from the position this one's
 // acknowledgement will leave (tide.consumer_read_ahead, read-only), and used only once this one is
-// acknowledged in full. A worker with nothing to read waits for the relay's shared probe (or a
-// NOTIFY) to say there is something, rather than polling its outbox by itself.
+// acknowledged in full. Otherwise the acknowledgement reads the next batch in the same round trip
+// (tide.consumer_commit_read). A worker with nothing to read waits for the relay's shared probe (or
+// a NOTIFY) to say there is something, rather than polling its outbox by itself.
 //
 // Every batch carries the fence it was read under (interval, cursor, rewind generation) and its
 // acknowledgement is a compare-and-set on them (tide.consumer_commit): an acknowledgement that
@@ -111,6 +112,8 @@ export class ForwardWorker {
   #redeliverDeadLetters = true;
   /** When this worker last read a batch (Date.now()): the probe checks a recently busy pipeline often. */
   #busyAt = 0;
+  /** What the last acknowledgement read after it (consumer_commit_read): a batch, null for nothing. */
+  #readWithAck: Batch | null | undefined;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
     this.#row = row;
@@ -190,8 +193,9 @@ export class ForwardWorker {
   async #run(): Promise<void> {
     const stop = this.#stopping.signal;
     await this.#connect();
-    // The batch after the one just acknowledged, read while that one was being delivered.
-    let ahead: Promise<Batch | undefined> | undefined;
+    // The batch after the one just acknowledged, read while that one was being delivered or with its
+    // acknowledgement; null when that read found nothing, undefined when there was none.
+    let ahead: Promise<Batch | null | undefined> | undefined;
     while (!stop.aborted) {
       try {
         if (this.#redeliverDeadLetters) {
@@ -209,10 +213,11 @@ export class ForwardWorker {
             SELECT tide.consumer_claim(${outbox}, ${group}, ${relayGroupId}) AS epoch`;
           this.#ownerEpoch = epoch;
         }
-        const batch = (await ahead) ?? this.#batchOf(await this.#options.sql<FencedRow[]>`
+        const readBefore = await ahead;
+        ahead = undefined;
+        const batch = readBefore !== undefined ? readBefore : this.#batchOf(await this.#options.sql<FencedRow[]>`
           SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
             FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}, p_durable := false)`);
-        ahead = undefined;
         this.#databaseFailures = 0;
         if (!batch) {
           await this.#idle();
@@ -222,10 +227,12 @@ export class ForwardWorker {
         this.#fence = batch.fence;
         await failpoint("forward.after-read");
         // A full batch may have a next one in the same interval: read it while the sink publishes.
+        // Otherwise the acknowledgement reads the next batch.
         const next = batch.messages.length === this.#row.batch_size ? this.#readAhead(batch) : undefined;
+        this.#readWithAck = undefined;
         // Not delivered (stopping, paused or refused): the batch stays unacknowledged, and the batch
         // read ahead of it, fenced on its acknowledgement, is dropped.
-        if (await this.#deliver(batch.messages)) ahead = next;
+        if (await this.#deliver(batch.messages, next === undefined)) ahead = next ?? Promise.resolve(this.#readWithAck);
       } catch (error) {
         if (stop.aborted) break;
         // The database, not the sink: retry fast, so delivery resumes right after it is back. A
@@ -257,7 +264,7 @@ export class ForwardWorker {
   }
 
   #batchOf(rows: FencedRow[]): Batch | undefined {
-    if (rows.length === 0) return undefined;
+    if (rows.length === 0 || rows[0].id === null) return undefined;
     const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
     return { messages: rows.map(toMessage), fence: { ownerEpoch: this.#ownerEpoch!, intervalSeq, readCursor, generation } };
   }
@@ -300,8 +307,11 @@ export class ForwardWorker {
     }
   }
 
-  /** Delivers a batch with retries; true once it is acknowledged (position moved). */
-  async #deliver(batch: OutboxMessage[]): Promise<boolean> {
+  /**
+   * Delivers a batch with retries; true once it is acknowledged (position moved). With `readNext`,
+   * the acknowledgement also reads the next batch (#readWithAck).
+   */
+  async #deliver(batch: OutboxMessage[], readNext = false): Promise<boolean> {
     const stop = this.#stopping.signal;
     const { matching, undecided } = this.#filter ? this.#matches(batch) : { matching: batch, undecided: [] };
     const passing = this.#format ? matching.map(this.#format) : matching;
@@ -367,7 +377,7 @@ export class ForwardWorker {
         if (stop.aborted) return false;
       }
     }
-    if (!(await this.#acknowledge(batch, dead))) return false;
+    if (!(await this.#acknowledge(batch, dead, readNext))) return false;
     // Dead letters the filter could not decide on were never passing: they are not "filtered" either.
     const filtered = batch.length - passing.length - undecided.length;
     const deadIds = new Set(dead.map((d) => d.message.id));
@@ -400,9 +410,10 @@ export class ForwardWorker {
 
   /**
    * Dead-letters `dead` and moves the position past `batch` in one transaction, unless the worker
-   * was fenced or aborted, or the commit is refused as stale. True when the position moved.
+   * was fenced or aborted, or the commit is refused as stale. True when the position moved. With
+   * `readNext` and no dead letters, the same round trip reads the next batch into #readWithAck.
    */
-  async #acknowledge(batch: OutboxMessage[], dead: DeadLetter[]): Promise<boolean> {
+  async #acknowledge(batch: OutboxMessage[], dead: DeadLetter[], readNext = false): Promise<boolean> {
     if (this.#fenced || this.#abort.signal.aborted) return false;
     const last = batch[batch.length - 1].id;
     const fence = this.#fence!;
@@ -414,20 +425,11 @@ export class ForwardWorker {
       SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
                                   ${this.#options.relayGroupId}, ${fence.generation}, ${fence.intervalSeq},
                                   ${fence.readCursor}, ${fence.ownerEpoch}, p_durable := false) AS moved`;
-    // Without dead letters the commit is one statement, one round trip; with them, one transaction.
-    const moved = dead.length === 0 ? (await commit(this.#options.sql))[0].moved : await this.#options.sql.begin(async (tx) => {
-      const [{ moved }] = await commit(tx as unknown as Sql);
-      if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
-      if (this.#fenced || this.#abort.signal.aborted) throw new Fenced();
-      for (const entry of dead) {
-        // A target that echoes the request (headers included) would put credentials in the error.
-        await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${redactText(entry.error)}, ${entry.attempts})`;
-      }
-      return true;
-    }).catch((error) => {
-      if (error instanceof Fenced) return false;
-      throw error;
-    });
+    // Without dead letters the commit is one statement, one round trip (reading the next batch too
+    // when asked); with them, one transaction.
+    const moved = dead.length > 0 ? await this.#commitWithDeadLetters(commit, dead)
+      : readNext ? await this.#commitAndRead(last, batch.length, fence)
+      : (await commit(this.#options.sql))[0].moved;
     if (!moved) {
       this.#log.warn("stale acknowledgement refused: the position moved since this batch was read " +
         "(a rewind, or another relay delivered it); reading again from the current position", {
@@ -443,6 +445,35 @@ export class ForwardWorker {
       this.#options.events?.deadLettered?.(this.#row.name, dead.length);
       this.#log.warn("messages moved to the dead-letter queue", { count: dead.length, first_error: dead[0].error });
     }
+    return true;
+  }
+
+  /** The commit and the dead letters in one transaction: both are recorded, or neither. */
+  #commitWithDeadLetters(commit: (sql: Sql) => Promise<{ moved: boolean }[]>, dead: DeadLetter[]): Promise<boolean> {
+    return this.#options.sql.begin(async (tx) => {
+      const [{ moved }] = await commit(tx as unknown as Sql);
+      if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
+      if (this.#fenced || this.#abort.signal.aborted) throw new Fenced();
+      for (const entry of dead) {
+        // A target that echoes the request (headers included) would put credentials in the error.
+        await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${redactText(entry.error)}, ${entry.attempts})`;
+      }
+      return true;
+    }).catch((error) => {
+      if (error instanceof Fenced) return false;
+      throw error;
+    });
+  }
+
+  /** The commit, and when it moved the position, the read of the next batch: one round trip. */
+  async #commitAndRead(last: bigint, count: number, fence: Fence): Promise<boolean> {
+    const { outbox_name: outbox, consumer_group: group, batch_size: limit } = this.#row;
+    const rows = await this.#options.sql<(FencedRow & { moved: boolean })[]>`
+      SELECT moved, id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
+        FROM tide.consumer_commit_read(${outbox}, ${group}, ${last}, ${count}, ${this.#options.relayGroupId}, ${fence.generation},
+                                       ${fence.intervalSeq}, ${fence.readCursor}, ${fence.ownerEpoch}, ${limit}, p_durable := false)`;
+    if (!rows[0].moved) return false;
+    this.#readWithAck = this.#batchOf(rows) ?? null;
     return true;
   }
 

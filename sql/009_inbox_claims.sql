@@ -149,6 +149,34 @@ BEGIN
   RETURN false;
 END $$;
 
+-- The same for a batch a claim holds (one statement, for workers that mark what they claimed
+-- together): marks every message of p_ids not processed yet; refuses (TD001) when the claim lost any
+-- of them, so that none is marked. Returns how many it marked.
+CREATE FUNCTION tide.inbox_mark_processed(p_name text, p_ids bigint[], p_claim_id bigint) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_table text;
+  v_marked bigint[];
+  v_id bigint;
+BEGIN
+  PERFORM tide.check_not_null('inbox_mark_processed', 'p_name', p_name);
+  PERFORM tide.check_not_null('inbox_mark_processed', 'p_ids', p_ids);
+  PERFORM tide.check_not_null('inbox_mark_processed', 'p_claim_id', p_claim_id);
+  IF array_position(p_ids, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION 'tide.inbox_mark_processed: p_ids must not hold NULL' USING ERRCODE = 'null_value_not_allowed';
+  END IF;
+  v_table := tide.inbox_table(p_name);
+  EXECUTE format('WITH marked AS (
+                    UPDATE tide.%I SET processed_at = now(), visible_at = NULL
+                     WHERE id = ANY ($1) AND claim_id = $2 AND processed_at IS NULL RETURNING id)
+                  SELECT coalesce(array_agg(id), ''{}'') FROM marked', v_table)
+    INTO v_marked USING p_ids, p_claim_id;
+  FOR v_id IN SELECT DISTINCT i FROM unnest(p_ids) i WHERE i <> ALL (v_marked) ORDER BY 1 LOOP
+    PERFORM tide.inbox_claim_refused(p_name, v_table, v_id, p_claim_id);
+  END LOOP;
+  RETURN cardinality(v_marked);
+END $$;
+
 -- Records a failed attempt of a claimed message and ends the claim: retry_count + 1 and last_error;
 -- at max_retries the message becomes a dead letter, otherwise it can be claimed again after
 -- p_retry_delay. Returns the new retry count. Refuses (TD001) when the claim was lost.
@@ -215,7 +243,7 @@ BEGIN
   RETURN NULL;
 END $$;
 
--- Why the compare-and-set of the three functions above (an UPDATE of message p_id only where
+-- Why the compare-and-set of the functions above (an UPDATE of message p_id only where
 -- claim_id = p_claim_id and it is not processed yet) changed nothing. When claim p_claim_id is still
 -- the one the row records, the claim already marked it processed: returns processed_at. Otherwise
 -- raises TD001 saying what became of the message (or no_data_found when there is no such message).
@@ -299,6 +327,7 @@ REVOKE ALL ON tide.inbox_stats, tide.inbox_claim_ids FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
   tide.inbox_claim(text, integer, interval, text[]),
   tide.inbox_mark_processed(text, bigint, bigint),
+  tide.inbox_mark_processed(text, bigint[], bigint),
   tide.inbox_mark_failed(text, bigint, bigint, text, interval),
   tide.inbox_extend_claim(text, bigint, bigint, interval),
   tide.inbox_pending(text, integer)

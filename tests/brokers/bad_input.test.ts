@@ -160,7 +160,9 @@ describe.skipIf(!kafkaUp || !natsUp)("bad surroundings and bad input", () => {
       const subject = `bad.${RUN}.source-nostream`;
       await db.sql`SELECT tide.inbox_create('late_stream')`;
       await db.sql`SELECT tide.relay_set_inbox('late-stream', 'late_stream',
-                     ${db.sql.json({ source_type: "nats", url: NATS_URL, subject, mode: "jetstream", durable_name: "late-stream" })})`;
+                     ${db.sql.json({ source_type: "nats", url: NATS_URL, subject, mode: "jetstream", durable_name: "late-stream",
+                                     // Retries at most a second apart: the wait below is for the reconnect, not the backoff.
+                                     retry: { max_backoff_ms: 1000 } })})`;
       const status = await failureOf("late-stream");
       expect(status.last_error).toContain(`no JetStream stream covers subject "${subject}"`);
 

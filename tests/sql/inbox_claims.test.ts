@@ -176,6 +176,27 @@ describe("marking a claimed message", () => {
     await db.sql`DROP TABLE side_effects`;
   });
 
+  it("marks a claimed batch in one call, and refuses the whole batch when the claim lost one of it", async () => {
+    const inbox = await inboxWith(4);
+    const batch = await claim(inbox, 2);
+    const ids = db.sql.array(batch.map((m) => m.id));
+    const [{ marked }] = await db.sql`SELECT tide.inbox_mark_processed(${inbox}, ${ids}, ${batch[0].claim_id}) AS marked`;
+    expect(marked).toBe(2);
+    const [{ again }] = await db.sql`SELECT tide.inbox_mark_processed(${inbox}, ${ids}, ${batch[0].claim_id}) AS again`;
+    expect(again).toBe(0);
+
+    const [kept, lost] = await claimAndLetRunOut(inbox, 2);
+    const [taken] = await claim(inbox, 1);
+    expect(taken.id).toBe(kept.id); // the other worker took the first of the two
+    const refused = await expectError(
+      db.sql`SELECT tide.inbox_mark_processed(${inbox}, ${db.sql.array([kept.id, lost.id])}, ${kept.claim_id})`,
+      `claim ${kept.claim_id} no longer holds message ${kept.id}`,
+    );
+    expect(refused.code).toBe("TD001");
+    expect((await row(inbox, lost.id)).processed_at).toBeNull();
+    await expectError(db.sql`SELECT tide.inbox_mark_processed(${inbox}, ARRAY[1, NULL]::bigint[], 1)`, "p_ids must not hold NULL");
+  });
+
   it("records a failure, ends the claim and holds the message back for p_retry_delay", async () => {
     const inbox = await inboxWith(1);
     const [m] = await claim(inbox);
