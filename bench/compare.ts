@@ -65,6 +65,8 @@ if (process.argv[2] === "--bare-loop") {
 
 const MESSAGES = intFlag("messages", 100_000);
 const RUNS = intFlag("runs", 3);
+/** Exploration only: the relay's batch_size (the figures to report use the default). */
+const RELAY_BATCH = process.argv.includes("--relay-batch") ? intFlag("relay-batch", 100) : undefined;
 const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
 const SINKS = (["nats", "kafka"] as Sink[]).filter((s) => !ONLY || s === ONLY);
 const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
@@ -158,7 +160,7 @@ async function compare(sink: Sink, order: "bare first" | "relay first"): Promise
 }
 
 async function runBare(sink: Sink, url: string, config: Record<string, unknown>): Promise<Measured> {
-  const child = Bun.spawn([process.execPath, import.meta.path, "--bare-loop", sink, url, JSON.stringify(config)], {
+  const child = Bun.spawn([process.execPath, ...(process.env.TIDE_BENCH_BUN_FLAGS?.split(" ").filter(Boolean) ?? []), import.meta.path, "--bare-loop", sink, url, JSON.stringify(config)], {
     stdout: "pipe",
     stderr: "inherit",
   });
@@ -168,7 +170,7 @@ async function runBare(sink: Sink, url: string, config: Record<string, unknown>)
 }
 
 async function runRelay(sink: Sink, sql: ReturnType<typeof connectTo>, db: { url: string; name: string }, config: Record<string, unknown>) {
-  await sql`SELECT tide.relay_set_outbox('compare', 'bench', ${sink}, ${sql.json(config as never)})`;
+  await sql`SELECT tide.relay_set_outbox('compare', 'bench', ${sink}, ${sql.json(config as never)}, p_batch_size := ${RELAY_BATCH ?? null})`;
   let relay: ReturnType<typeof spawnRelay> | undefined;
   try {
     const cpu = await startCpuAccount(() => (relay ? [relay.pid] : []), { database: db.name });

@@ -94,7 +94,7 @@ export interface RelayProcess {
  */
 export function spawnRelay(url: string, extra: string[] = []): RelayProcess {
   const child = Bun.spawn(
-    [process.execPath, "main.ts", "run", "--postgres-url", url, "--log-format", "json",
+    [process.execPath, ...(process.env.TIDE_BENCH_BUN_FLAGS?.split(" ").filter(Boolean) ?? []), "main.ts", "run", "--postgres-url", url, "--log-format", "json",
       "--metrics-addr", `127.0.0.1:${freePort()}`, ...extra],
     { cwd: ROOT, stdout: "ignore", stderr: "pipe" },
   );

@@ -49,5 +49,6 @@ export function relayFallback(manifest: Manifest | undefined): Record<string, st
     "log-level": relay.log_level,
     "http-token": relay.http_token,
     "http-token-scope": relay.http_token_scope,
+    "otlp-endpoint": relay.otlp_endpoint,
   };
 }

@@ -79,6 +79,13 @@ export const RUN_FLAGS = {
     placeholder: "api|all",
     help: "api: /livez, /readyz, /health and /metrics stay open for probes and Prometheus; all: they ask for the token too",
   },
+  "otlp-endpoint": {
+    type: "string",
+    env: "PG_TIDE_OTLP_ENDPOINT",
+    placeholder: "URL",
+    help: "export one span per delivered batch to this OpenTelemetry collector (OTLP/HTTP JSON to URL/v1/traces, " +
+      "e.g. http://localhost:4318), linked to each message's traceparent; unset: no spans",
+  },
   "log-format": { type: "string", env: "PG_TIDE_LOG_FORMAT", default: "text", placeholder: "text|json", help: "log line format" },
   "log-level": {
     type: "string",
@@ -122,6 +129,10 @@ export async function runCommand(args: string[]): Promise<number> {
       throw new ConfigError(`${sourceOf(flags, "metrics-addr")} must be host:port or "off" (got "${metricsAddr}")`);
     }
     const drainTimeoutMs = int("drain-timeout") * 1000;
+    const otlpEndpoint = flags["otlp-endpoint"] || undefined;
+    if (otlpEndpoint !== undefined && !/^https?:\/\/[^/]+/.test(otlpEndpoint)) {
+      throw new ConfigError(`${sourceOf(flags, "otlp-endpoint")} must be an http(s) URL (got "${otlpEndpoint}")`);
+    }
     const relay = new Relay({
       postgresUrl: url,
       relayGroupId: flags["relay-group-id"]!,
@@ -133,6 +144,7 @@ export async function runCommand(args: string[]): Promise<number> {
       drainTimeoutMs,
       metricsAddr: metricsAddr === "off" ? undefined : metricsAddr,
       httpAuth: httpAuthFromFlags(flags),
+      otlpEndpoint,
       registry,
       pipelines: manifest?.relay.pipelines_mode === "catalog_only" ? [] : manifest?.pipelines,
     });

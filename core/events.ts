@@ -4,8 +4,11 @@
 import type { OutboxMessage } from "./plugin.ts";
 
 export interface RelayEvents {
-  /** A forward batch was acknowledged by the sink; `messages` are the ones delivered. */
-  delivered?(pipeline: string, messages: OutboxMessage[]): void;
+  /**
+   * A forward batch was acknowledged by the sink; `messages` are the ones delivered, `startedAt`
+   * (Date.now()) when its delivery began.
+   */
+  delivered?(pipeline: string, messages: OutboxMessage[], startedAt?: number): void;
   /** A reverse batch was committed into the inbox. */
   consumed?(pipeline: string, inserted: number, duplicates: number): void;
   /** A delivery, read or write attempt failed (it will be retried). */

@@ -19,6 +19,8 @@ export const FAILPOINTS = [
   "coordinator.holding-locks",
   "coordinator.reacquiring",
   "reverse.after-inbox-commit",
+  // Reached by the kafka sink in transactional mode: the batch's records are sent, the transaction is not committed.
+  "kafka.before-commit",
 ] as const;
 
 export type FailpointName = (typeof FAILPOINTS)[number];

@@ -17,7 +17,8 @@
 import type { Sql } from "./db.ts";
 import type { IdleProbe } from "./idle_probe.ts";
 import { backoffDelay, sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
-import { failpoint, failpointEnabled } from "./failpoints.ts";
+import { failpoint, failpointEnabled, type FailpointName } from "./failpoints.ts";
+import { handled } from "./runtime.ts";
 import { ConfigError } from "./errors.ts";
 import type { FilterFn } from "./filter.ts";
 import type { Formatter } from "./wire_format.ts";
@@ -114,6 +115,10 @@ export class ForwardWorker {
   #busyAt = 0;
   /** What the last acknowledgement read after it (consumer_commit_read): a batch, null for nothing. */
   #readWithAck: Batch | null | undefined;
+  /** How many messages the next read asks for: batch_size, grown while a backlog lasts (#nextLimit). */
+  #limit: number;
+  /** The most #limit grows to: max_batch_size, or batch_size when the sink does not grow batches. */
+  #maxLimit: number;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
     this.#row = row;
@@ -127,6 +132,7 @@ export class ForwardWorker {
       maxAttempts: retry.max_attempts ?? DEFAULT_MAX_ATTEMPTS,
     };
     this.#pauseOnFailure = row.config.on_failure === "pause";
+    this.#limit = this.#maxLimit = row.batch_size;
   }
 
   get name(): string {
@@ -146,8 +152,19 @@ export class ForwardWorker {
     const prepared = await preparePipeline(this.#row, this.#options.registry);
     this.#filter = prepared.filter;
     this.#format = prepared.format;
-    const ctx = pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl);
+    const ctx = {
+      ...pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl),
+      relayGroupId: this.#options.relayGroupId,
+      failpoint: (name: string) => failpoint(name as FailpointName),
+    };
     if (prepared.definition.kind !== "sink") throw new ConfigError(`pipeline "${this.#row.name}": not a sink`);
+    const { batch_size: batchSize, config } = this.#row;
+    const max: number = config.max_batch_size ?? (prepared.definition.growBatches ? Math.max(batchSize, GROWN_BATCH_SIZE) : batchSize);
+    if (max < batchSize) {
+      throw new ConfigError(`pipeline "${this.#row.name}": 'max_batch_size' (${max}) is below its batch_size (${batchSize}); ` +
+        `raise it, or leave it out to read batch_size messages at a time`);
+    }
+    this.#maxLimit = max;
     this.#sink = prepared.definition.create(prepared.pluginConfig, ctx);
     this.#loop = this.#run();
   }
@@ -217,7 +234,7 @@ export class ForwardWorker {
         ahead = undefined;
         const batch = readBefore !== undefined ? readBefore : this.#batchOf(await this.#options.sql<FencedRow[]>`
           SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#row.batch_size}, ${relayGroupId}, p_durable := false)`);
+            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#limit}, ${relayGroupId}, p_durable := false)`);
         this.#databaseFailures = 0;
         if (!batch) {
           await this.#idle();
@@ -226,9 +243,11 @@ export class ForwardWorker {
         this.#busyAt = Date.now();
         this.#fence = batch.fence;
         await failpoint("forward.after-read");
-        // A full batch may have a next one in the same interval: read it while the sink publishes.
-        // Otherwise the acknowledgement reads the next batch.
-        const next = batch.messages.length === this.#row.batch_size ? this.#readAhead(batch) : undefined;
+        // A full batch may have a next one in the same interval: read it (a larger one while a
+        // backlog lasts) while the sink publishes. Otherwise the acknowledgement reads the next batch.
+        const full = batch.messages.length >= this.#limit;
+        this.#limit = this.#nextLimit(batch.messages, full);
+        const next = full ? this.#readAhead(batch) : undefined;
         this.#readWithAck = undefined;
         // Not delivered (stopping, paused or refused): the batch stays unacknowledged, and the batch
         // read ahead of it, fenced on its acknowledgement, is dropped.
@@ -250,7 +269,8 @@ export class ForwardWorker {
    * the read fails: the loop then reads again after the acknowledgement.
    */
   async #readAhead(batch: Batch): Promise<Batch | undefined> {
-    const { outbox_name: outbox, consumer_group: group, batch_size: limit } = this.#row;
+    const { outbox_name: outbox, consumer_group: group } = this.#row;
+    const limit = this.#limit;
     const { intervalSeq, generation } = batch.fence;
     const last = batch.messages[batch.messages.length - 1].id;
     try {
@@ -261,6 +281,20 @@ export class ForwardWorker {
       this.#log.debug("reading ahead failed; reading after the acknowledgement instead", { error });
       return undefined;
     }
+  }
+
+  /**
+   * The read limit after `batch`: doubled after a full batch, up to #maxLimit and as long as the
+   * next batch would stay under GROWN_BATCH_BYTES of payload; back to batch_size once a batch is
+   * not full (the backlog is gone: small batches keep latency low).
+   */
+  #nextLimit(batch: OutboxMessage[], full: boolean): number {
+    let bytes = 0;
+    for (const message of batch) bytes += message.payloadText.length;
+    handled(bytes);
+    if (!full) return this.#row.batch_size;
+    if (this.#limit >= this.#maxLimit) return this.#limit;
+    return bytes * 2 <= GROWN_BATCH_BYTES ? Math.min(this.#limit * 2, this.#maxLimit) : this.#limit;
   }
 
   #batchOf(rows: FencedRow[]): Batch | undefined {
@@ -312,6 +346,7 @@ export class ForwardWorker {
    * the acknowledgement also reads the next batch (#readWithAck).
    */
   async #deliver(batch: OutboxMessage[], readNext = false): Promise<boolean> {
+    const startedAt = Date.now();
     const stop = this.#stopping.signal;
     const { matching, undecided } = this.#filter ? this.#matches(batch) : { matching: batch, undecided: [] };
     const passing = this.#format ? matching.map(this.#format) : matching;
@@ -385,7 +420,7 @@ export class ForwardWorker {
     this.status.delivered += delivered.length;
     this.status.filtered += filtered;
     this.status.succeed();
-    this.#options.events?.delivered?.(this.#row.name, delivered);
+    this.#options.events?.delivered?.(this.#row.name, delivered, startedAt);
     if (filtered > 0) this.#options.events?.filtered?.(this.#row.name, filtered);
     return true;
   }
@@ -467,7 +502,8 @@ export class ForwardWorker {
 
   /** The commit, and when it moved the position, the read of the next batch: one round trip. */
   async #commitAndRead(last: bigint, count: number, fence: Fence): Promise<boolean> {
-    const { outbox_name: outbox, consumer_group: group, batch_size: limit } = this.#row;
+    const { outbox_name: outbox, consumer_group: group } = this.#row;
+    const limit = this.#limit;
     const rows = await this.#options.sql<(FencedRow & { moved: boolean })[]>`
       SELECT moved, id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
         FROM tide.consumer_commit_read(${outbox}, ${group}, ${last}, ${count}, ${this.#options.relayGroupId}, ${fence.generation},
@@ -555,6 +591,11 @@ export function toMessage(row: MessageRow): OutboxMessage {
 
 /** Thrown inside the commit transaction to roll it back when the worker was fenced meanwhile. */
 class Fenced extends Error {}
+
+/** The default max_batch_size of a sink that grows batches (growBatches). */
+const GROWN_BATCH_SIZE = 1000;
+/** A batch grows only while it would stay under this much payload text. */
+const GROWN_BATCH_BYTES = 2 * 1024 * 1024;
 
 /** How long a sink gets to react to an abort (or to close) before the worker stops waiting for it. */
 const ABANDON_MS = 5_000;

@@ -44,6 +44,7 @@ export interface Manifest {
     log_level?: "debug" | "info" | "warn" | "error";
     http_token?: string;
     http_token_scope?: "api" | "all";
+    otlp_endpoint?: string;
     /** "manifest" (default): [[pipelines]] are upserted into the catalog at start; "catalog_only": they are ignored. */
     pipelines_mode?: "manifest" | "catalog_only";
   };
@@ -145,6 +146,7 @@ const relaySchema = z.strictObject({
     if (problem) ctx.addIssue({ code: "custom", message: problem });
   }).optional(),
   http_token_scope: z.enum(["api", "all"]).optional(),
+  otlp_endpoint: z.string().regex(/^https?:\/\/[^/]+/, { message: "must be an http(s) URL" }).optional(),
   pipelines_mode: z.enum(["manifest", "catalog_only"]).optional(),
 });
 

@@ -49,6 +49,7 @@ export class RelayMetrics {
   readonly #filtered: client.Counter<"pipeline">;
   readonly #filterErrors: client.Counter<"pipeline">;
   readonly #staleAcks: client.Counter<"pipeline">;
+  readonly #batches: client.Counter<"pipeline">;
   readonly #history = new Map<string, HistoryPoint[]>();
   readonly #window = new Map<string, number>();
   #source: LagSource | undefined;
@@ -99,6 +100,12 @@ export class RelayMetrics {
     this.#filtered = new client.Counter({
       name: `${prefix}messages_filtered_total`,
       help: "Messages skipped by a pipeline's transform.filter",
+      labelNames: ["pipeline"],
+      registers,
+    });
+    this.#batches = new client.Counter({
+      name: `${prefix}batches_delivered_total`,
+      help: "Batches a forward pipeline's sink acknowledged (messages_published_total / this: the average batch)",
       labelNames: ["pipeline"],
       registers,
     });
@@ -170,6 +177,7 @@ export class RelayMetrics {
     this.events = {
       delivered: (pipeline, messages) => {
         this.#published.inc({ pipeline, direction: "forward" }, messages.length);
+        this.#batches.inc({ pipeline });
         const now = Date.now();
         for (const message of messages) {
           this.#latency.observe({ pipeline }, Math.max(0, now - new Date(message.createdAt).getTime()) / 1000);

@@ -93,6 +93,13 @@ export async function preparePipeline(
         "until the inbox accepts it (the source keeps it meanwhile); remove the key",
     );
   }
+  const maxBatch = row.config.max_batch_size;
+  if (maxBatch !== undefined) {
+    if (kind !== "sink") throw new ConfigError(`${where}: 'max_batch_size' applies to forward pipelines only`);
+    if (!Number.isInteger(maxBatch) || maxBatch < 1 || maxBatch > 100_000) {
+      throw new ConfigError(`${where}: 'max_batch_size' must be a whole number from 1 to 100000 (got ${JSON.stringify(maxBatch)})`);
+    }
+  }
   const poll = row.config.poll_interval_ms;
   if (poll !== undefined && (!Number.isInteger(poll) || poll < 1)) {
     throw new ConfigError(`${where}: 'poll_interval_ms' must be a whole number of milliseconds, at least 1 (got ${JSON.stringify(poll)})`);

@@ -33,6 +33,19 @@ export interface OutboxMessage {
   /** `headers.op`, else `payload.op`, else "publish" (table capture sets insert/update/delete). */
   op: string;
   createdAt: Date;
+  /**
+   * The body's media type, when a wire format sets one: `application/cloudevents+json;
+   * charset=utf-8` for a structured CloudEvent, the event's datacontenttype in binary mode. A sink
+   * that has a content-type field sends it there; without it the body is JSON (`application/json`).
+   */
+  contentType?: string;
+  /**
+   * Set in CloudEvents binary mode (`wire_format = "cloudevents-binary"`): the event's context
+   * attributes but datacontenttype (specversion, id, source, type, subject, time), which a sink
+   * writes into its transport's headers as its CloudEvents protocol binding says. The body is the
+   * event's data: the payload text, unchanged.
+   */
+  cloudEventAttributes?: Record<string, string>;
 }
 
 /** One message handed to the inbox by a source. */
@@ -159,6 +172,17 @@ export interface PluginContext {
   http?: HttpRoutes;
   /** Renders `{outbox}`, `{topic}`, `{op}`, `{event_type}`, `{id}`, `{payload.a.b}`, `{headers.x}`. */
   render(template: string, message: OutboxMessage, options?: RenderOptions): string;
+  /**
+   * The relay group running a forward pipeline (relays of different groups each deliver every
+   * message): part of a name that must be unique per delivering relay, such as a Kafka
+   * transactional id. Absent outside a running relay (`pg-tide check`).
+   */
+  relayGroupId?: string;
+  /**
+   * tide's fault injection (TIDE_FAILPOINTS) for built-in plugins' own points, such as
+   * `kafka.before-commit`; does nothing unless the variable names the point. Absent outside a relay.
+   */
+  failpoint?(name: string): Promise<void>;
 }
 
 export interface RenderOptions {
@@ -181,6 +205,13 @@ interface DefinitionBase<Config> {
 
 export interface SinkDefinition<Config = any> extends DefinitionBase<Config> {
   kind: "sink";
+  /**
+   * True when publish() takes batches of any size equally well (a broker client that splits them
+   * as it must): while a backlog lasts, the engine then reads batches of up to `max_batch_size`
+   * messages (default 1000) rather than `batch_size`. Leave it unset when a batch is something the
+   * target sees (one webhook request per batch).
+   */
+  growBatches?: boolean;
   /** Pure: builds the instance, no I/O until connect(). */
   create(config: Config, ctx: PluginContext): SinkInstance;
 }
@@ -198,6 +229,7 @@ export const ENGINE_CONFIG_KEYS = [
   "source_type",
   "consumer_group",
   "batch_size",
+  "max_batch_size",
   "poll_interval_ms",
   "visibility_timeout_ms",
   "auto_offset_reset",

@@ -19,6 +19,7 @@ import { RouteTable } from "./routes.ts";
 import { PluginRegistry } from "./plugins.ts";
 import { type HttpServer, serve } from "./runtime.ts";
 import { SCHEMA_VERSION, schemaVersion } from "./schema.ts";
+import { SpanExporter } from "./trace_export.ts";
 
 export interface RelayOptions {
   postgresUrl: string;
@@ -41,6 +42,8 @@ export interface RelayOptions {
   metricsAddr?: string;
   /** The token the HTTP server asks for (--http-token, --http-token-scope); unset: it asks for none. */
   httpAuth?: HttpAuth;
+  /** An OpenTelemetry collector's OTLP/HTTP base URL: one span per delivered batch goes there. */
+  otlpEndpoint?: string;
 }
 
 export const DEFAULT_POLL_INTERVAL_MS = 250;
@@ -65,11 +68,15 @@ export class Relay {
   /** The chore still running from an earlier tick: a tick never starts a second one beside it. */
   readonly #running = new Set<string>();
   #server: HttpServer | undefined;
+  readonly #spans: SpanExporter | undefined;
 
   constructor(options: RelayOptions) {
     this.#options = options;
     this.registry = options.registry ?? new PluginRegistry();
     const ownershipLeaseMs = options.ownershipLeaseMs ?? DEFAULT_OWNERSHIP_LEASE_MS;
+    this.#spans = options.otlpEndpoint
+      ? new SpanExporter({ endpoint: options.otlpEndpoint, logger: options.logger, relayId: this.relayId, relayGroupId: options.relayGroupId })
+      : undefined;
     this.sql = connect(options.postgresUrl, {
       max: 10,
       applicationName: `pg-tide relay ${options.relayGroupId}`,
@@ -89,7 +96,7 @@ export class Relay {
       reconcileIntervalMs: options.reconcileIntervalMs ?? DEFAULT_RECONCILE_INTERVAL_MS,
       drainTimeoutMs: options.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS,
       ownershipLeaseMs,
-      events: combineEvents(this.metrics.events, options.events),
+      events: combineEvents(this.metrics.events, this.#spans?.events, options.events),
     });
   }
 
@@ -110,6 +117,7 @@ export class Relay {
       throw new ConfigError(`database schema tide is at version ${version}; run pg-tide install to upgrade it to ${SCHEMA_VERSION}`);
     }
     await this.#registerPluginTypes();
+    this.#spans?.start();
     if (this.#options.pipelines?.length) await syncManifestPipelines(this.sql, this.#options.pipelines, logger);
     await this.coordinator.start();
     this.metrics.attach({
@@ -134,6 +142,7 @@ export class Relay {
     clearInterval(this.#lagCheckpointTimer);
     this.metrics.detach();
     await this.coordinator.stop();
+    await this.#spans?.stop();
     await this.#server?.stop();
     await this.sql.end({ timeout: 5 });
     this.#options.logger.info("relay stopped");

@@ -54,3 +54,19 @@ export function serve(fetch: (request: Request) => Response | Promise<Response>,
   }
   throw new Error("pg-tide serves HTTP on Bun or Deno; run it with one of them");
 }
+
+/**
+ * Bytes of message text handled since the last hint; every GC_HINT_BYTES, Bun's collector is asked
+ * to run (without blocking). Its heap otherwise grows with the machine's memory, not with what the
+ * relay holds: a backlog drain would leave hundreds of MiB of dead batches resident.
+ */
+let handledSinceHint = 0;
+const GC_HINT_BYTES = 16 * 1024 * 1024;
+
+/** Notes `bytes` of message text handled; now and then lets the garbage collector catch up. */
+export function handled(bytes: number): void {
+  handledSinceHint += bytes;
+  if (handledSinceHint < GC_HINT_BYTES) return;
+  handledSinceHint = 0;
+  if (typeof Bun !== "undefined") Bun.gc(true);
+}

@@ -1,7 +1,10 @@
 // What a forward pipeline sends as the message body (`wire_format` in its config):
 //   payload      the payload itself; metadata travels in transport headers (the default)
 //   envelope     {id, dedup_key, outbox, topic, event_type, op, headers, payload, created_at}
-//   cloudevents  CloudEvents 1.0 structured JSON (id = dedup key, type = event type)
+//   cloudevents  CloudEvents 1.0 structured JSON (id = dedup key, type = event type), sent with the
+//                content type application/cloudevents+json
+//   cloudevents-binary  CloudEvents 1.0 binary mode: the payload is the body, unchanged; the
+//                attributes travel in transport headers (each sink follows its protocol binding)
 //   sequin       {record, changes, action, metadata: {table_schema, table_name, commit_timestamp,
 //                consumer: {id, name}}}, the shape Sequin sends, for table-capture messages
 
@@ -11,10 +14,18 @@ import { jsonObject, mayHaveKey, stringifyJson } from "./json.ts";
 import { withPayloadText } from "./message.ts";
 import type { OutboxMessage } from "./plugin.ts";
 
-export const WIRE_FORMATS = ["payload", "envelope", "cloudevents", "sequin"] as const;
+export const WIRE_FORMATS = ["payload", "envelope", "cloudevents", "cloudevents-binary", "sequin"] as const;
 export type WireFormat = (typeof WIRE_FORMATS)[number];
 
 export type Formatter = (message: OutboxMessage) => OutboxMessage;
+
+/**
+ * The content type of a structured CloudEvent in the JSON format. The charset is written in lower
+ * case: RFC 2046 makes it case-insensitive, and the official JavaScript SDK matches it exactly.
+ */
+export const CLOUDEVENTS_JSON = "application/cloudevents+json; charset=utf-8";
+/** datacontenttype of tide's CloudEvents: the payload is always JSON. */
+const DATA_CONTENT_TYPE = "application/json";
 
 /**
  * The formatter of a wire format: a message whose payloadText is the body. The payload's own text
@@ -28,7 +39,18 @@ export function wireFormatter(format: unknown, pipeline: string): Formatter | un
     case "envelope":
       return (m) => withPayloadText(m, envelope(m));
     case "cloudevents":
-      return (m) => withPayloadText(m, cloudEvent(m));
+      return (m) => {
+        const structured = withPayloadText(m, cloudEvent(m));
+        structured.contentType = CLOUDEVENTS_JSON;
+        return structured;
+      };
+    case "cloudevents-binary":
+      return (m) => {
+        const binary = withPayloadText(m, m.payloadText);
+        binary.contentType = DATA_CONTENT_TYPE;
+        binary.cloudEventAttributes = cloudEventAttributes(m);
+        return binary;
+      };
     case "sequin":
       return (m) => withPayloadText(m, sequin(m, consumer));
     default:
@@ -48,17 +70,21 @@ function envelope(m: OutboxMessage): string {
 
 function cloudEvent(m: OutboxMessage): string {
   return jsonObject([
-    ...fields({
-      specversion: "1.0",
-      id: m.dedupKey,
-      source: `/tide/outbox/${m.outbox}`,
-      type: m.eventType,
-      ...(m.topic ? { subject: m.topic } : {}),
-      time: new Date(m.createdAt).toISOString(),
-      datacontenttype: "application/json",
-    }),
+    ...fields({ ...cloudEventAttributes(m), datacontenttype: DATA_CONTENT_TYPE }),
     ["data", m.payloadText],
   ]);
+}
+
+/** The context attributes of a message's CloudEvent, datacontenttype aside. */
+function cloudEventAttributes(m: OutboxMessage): Record<string, string> {
+  return {
+    specversion: "1.0",
+    id: m.dedupKey,
+    source: `/tide/outbox/${m.outbox}`,
+    type: m.eventType,
+    ...(m.topic ? { subject: m.topic } : {}),
+    time: new Date(m.createdAt).toISOString(),
+  };
 }
 
 /**

@@ -76,6 +76,33 @@ export function cloudEventId(payload: unknown): string | undefined {
   return typeof specversion === "string" && typeof id === "string" && id !== "" ? id : undefined;
 }
 
+/**
+ * The W3C trace context among a message's headers (`traceparent`, and `tracestate` with it), for a
+ * sink that sends only chosen headers (the webhook). A value that could not be a header value (not
+ * a string, a line break) is left out rather than failing the message.
+ */
+export function traceContextOf(headers: Record<string, unknown>): Record<string, string> {
+  const { traceparent, tracestate } = headers;
+  if (typeof traceparent !== "string" || !HEADER_TEXT.test(traceparent)) return {};
+  return typeof tracestate === "string" && HEADER_TEXT.test(tracestate) ? { traceparent, tracestate } : { traceparent };
+}
+
+const HEADER_TEXT = /^[\x20-\x7e]{1,8192}$/;
+
+/**
+ * A CloudEvents attribute as an HTTP or NATS header value, percent-encoded as both bindings say:
+ * space, double quote, percent and every character outside printable ASCII, as UTF-8 bytes.
+ */
+export function cloudEventHeaderValue(value: string): string {
+  return /^[\x21\x23\x24\x26-\x7e]*$/.test(value)
+    ? value
+    : Array.from(value, (c) => (/^[\x21\x23\x24\x26-\x7e]$/.test(c) ? c : percentEncoded(c))).join("");
+}
+
+function percentEncoded(character: string): string {
+  return Array.from(new TextEncoder().encode(character), (b) => `%${b.toString(16).toUpperCase().padStart(2, "0")}`).join("");
+}
+
 export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }

@@ -106,6 +106,7 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, p
 DECLARE
   v_outbox tide.outboxes;
   v_id bigint;
+  v_traceparent text;
 BEGIN
   IF p_outbox IS NULL THEN -- inline, not check_not_null: this is the publish path
     RAISE EXCEPTION 'tide.outbox_publish: p_outbox must not be NULL' USING ERRCODE = 'null_value_not_allowed';
@@ -133,6 +134,19 @@ BEGIN
   IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
     RAISE EXCEPTION 'outbox "%": headers must be a JSON object (got %)', p_outbox, jsonb_typeof(p_headers)
       USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  -- W3C trace context from the transaction (SET LOCAL tide.traceparent = '00-<trace id>-<span id>-<flags>')
+  -- when the headers carry none. A value that is not a traceparent is ignored, never an error: tracing
+  -- must not fail a business transaction. Unset (NULL or ''), it costs one setting read and one
+  -- comparison; the pattern and the headers are looked at only when it is set.
+  v_traceparent := current_setting('tide.traceparent', true);
+  IF v_traceparent > '' THEN
+    IF v_traceparent ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+       AND v_traceparent NOT LIKE 'ff-%' AND v_traceparent NOT LIKE '__-00000000000000000000000000000000-%'
+       AND v_traceparent NOT LIKE '%-0000000000000000-__'
+       AND (p_headers IS NULL OR NOT p_headers ? 'traceparent') THEN
+      p_headers := coalesce(p_headers, '{}') || jsonb_build_object('traceparent', v_traceparent);
+    END IF;
   END IF;
   INSERT INTO tide.outbox_messages (outbox, topic, payload, headers)
   VALUES (p_outbox, p_topic, p_payload, coalesce(p_headers, '{}'))

@@ -21,6 +21,7 @@ export type FileConfig = z.output<typeof configSchema>;
 const fileSink: SinkDefinition<FileConfig> = {
   type: "file",
   kind: "sink",
+  growBatches: true,
   summary: "Appends each message as one JSON line to a file (JSONL)",
   config: configSchema,
   example: { path: "./outbox.jsonl", format: "json", fsync: true },

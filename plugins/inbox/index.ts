@@ -19,6 +19,7 @@ export type InboxSinkConfig = z.output<typeof configSchema>;
 export const inboxSink: SinkDefinition<InboxSinkConfig> = {
   type: "inbox",
   kind: "sink",
+  growBatches: true,
   summary: "Writes each message into an inbox table (same or another database), deduplicated by event_id",
   config: configSchema,
   example: { inbox: "shipping_triggers" },

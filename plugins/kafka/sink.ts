@@ -7,9 +7,12 @@
 // DLQ, found by halving. A topic_template's values are user data: no "." in a value unless
 // allow_dots_in names its placeholder ({topic} always may), and no value may lead the topic name
 // into the "_" names of Kafka's own and its tools' topics (__consumer_offsets, _schemas).
+// With `transactional`, each batch (all of its requests) is one Kafka transaction, committed before
+// publish() resolves; the transactional id is stable per pipeline and relay group, so that a relay
+// taking the pipeline over fences the one before and aborts its open transaction.
 
 import { Buffer } from "node:buffer";
-import { ConfigResourceTypes, type Message, Partitioners, type Producer, type TopicMessages } from "kafkajs";
+import { ConfigResourceTypes, type Message, Partitioners, type Producer, type TopicMessages, type Transaction } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
@@ -61,6 +64,18 @@ const configSchema = z
      * below the broker's message.max.bytes (default 1048588) and the topics' max.message.bytes.
      */
     max_request_bytes: z.number().int().min(1024).default(DEFAULT_MAX_REQUEST_BYTES),
+    /**
+     * Each batch in one Kafka transaction: a consumer reading with isolation read_committed sees all
+     * of its records or none. Needs acks "all" (the producer is idempotent).
+     */
+    transactional: z.boolean().default(false),
+    /**
+     * The producer's transactional.id (default `pg-tide:<relay group>:<pipeline>`): one per pipeline
+     * and relay group, so that the relay taking a pipeline over fences the one it replaces.
+     */
+    transactional_id: z.string().min(1).optional(),
+    /** How long the broker lets a transaction stay open before aborting it (a relay that died mid-batch). */
+    transaction_timeout_ms: z.number().int().positive().optional(),
   })
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
@@ -68,6 +83,11 @@ const configSchema = z
     if (config.topic && config.topic_template) problem("topic_template", "cannot be combined with 'topic'");
     if (config.allow_dots_in.length > 0 && !config.topic_template) problem("allow_dots_in", "applies to 'topic_template' only");
     if (config.idempotent === true && config.acks !== -1) problem("idempotent", "needs acks \"all\"");
+    if (config.transactional && config.acks !== -1) problem("transactional", "needs acks \"all\"");
+    if (config.transactional && config.idempotent === false) problem("idempotent", "cannot be false with 'transactional' (a transaction needs the idempotent producer)");
+    for (const key of ["transactional_id", "transaction_timeout_ms"] as const) {
+      if (config[key] !== undefined && !config.transactional) problem(key, "applies to 'transactional: true' only");
+    }
   })
   .transform((config) => ({ ...config, idempotent: config.idempotent ?? config.acks === -1 }));
 
@@ -76,6 +96,7 @@ export type KafkaSinkConfig = z.output<typeof configSchema>;
 export const kafkaSink: SinkDefinition<KafkaSinkConfig> = {
   type: "kafka",
   kind: "sink",
+  growBatches: true,
   summary: "Produces each message as a Kafka record (idempotent producer, key and topic templates)",
   config: configSchema,
   example: {
@@ -116,7 +137,10 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   const values = oneTokenValues(config.allow_dots_in, "topic name parts");
   if (config.key) ctx.render(config.key, PROBE_MESSAGE);
   const kafka = createKafkaClient(config, ctx, config.timeout_ms);
+  const transactionalId = config.transactional_id ?? `pg-tide:${ctx.relayGroupId ?? "default"}:${ctx.pipeline}`;
   let producer: Producer | undefined;
+  /** The transaction of the batch being published (transactional mode): every request goes through it. */
+  let transaction: Transaction | undefined;
   let closing: Promise<void> | undefined;
 
   const permanent = (message: OutboxMessage, text: string, cause?: unknown): DeliveryFailure => ({
@@ -148,6 +172,9 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     headers["tide-event-type"] = message.eventType;
     headers["tide-outbox"] = message.outbox;
     headers["tide-message-id"] = message.id.toString();
+    // CloudEvents Kafka binding: content-type tells structured mode; binary mode adds ce_ headers.
+    if (message.contentType) headers["content-type"] = message.contentType;
+    for (const [name, value] of Object.entries(message.cloudEventAttributes ?? {})) headers[`ce_${name}`] = value;
     const record = { key, value: payloadBody(message), headers };
     return { message, topic, record, bytes: recordBytes(record) };
   }
@@ -170,7 +197,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       if (!group) byTopic.set(topic, (group = { topic, messages: [] }));
       group.messages.push(record);
     }
-    await producer!.sendBatch({
+    await (transaction ?? producer!).sendBatch({
       topicMessages: [...byTopic.values()],
       acks: config.acks,
       timeout: config.timeout_ms,
@@ -185,8 +212,9 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
    * record. Records of a request that a partition refused may have reached other partitions: they
    * are sent again (consumers deduplicate with the tide-dedup-key header).
    *
-   * When nothing was acknowledged yet, a transient failure rejects (the whole batch is retried).
-   * After that, it fails the request's records and holds back the rest: only those are retried.
+   * When nothing was acknowledged yet, or in a transaction, a transient failure rejects (the whole
+   * batch is retried). After that, it fails the request's records and holds back the rest: only those
+   * are retried.
    */
   async function deliver(records: PendingRecord[], failures: DeliveryFailure[]): Promise<void> {
     const queue = requests(records, config.max_request_bytes);
@@ -200,7 +228,8 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
         continue;
       } catch (error) {
         if (!isPermanent(error)) {
-          if (acknowledged === 0) throw transient(error, group);
+          // In a transaction nothing counts as delivered before the commit: the batch is aborted and retried whole.
+          if (acknowledged === 0 || transaction) throw transient(error, group);
           const cause = transient(error, group);
           for (const { message } of group) failures.push({ id: message.id, error: cause, retriable: true });
           for (const { message } of queue.flat()) {
@@ -256,6 +285,73 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     }
   }
 
+  async function open(): Promise<void> {
+    const candidate = kafka.producer({
+      idempotent: config.idempotent,
+      maxInFlightRequests: config.idempotent ? 1 : undefined,
+      transactionalId: config.transactional ? transactionalId : undefined,
+      transactionTimeout: config.transaction_timeout_ms,
+      createPartitioner: Partitioners.DefaultPartitioner,
+      allowAutoTopicCreation: true,
+    });
+    const connect = async () => {
+      await candidate.connect();
+      // kafkajs initialises a transactional producer (InitProducerId) at its first transaction. Doing
+      // it now, with an empty transaction that sends nothing, fences the producer of the relay this
+      // one replaces and makes the broker abort that producer's open transaction before this relay
+      // publishes anything: read_committed consumers never see its records.
+      if (config.transactional) await (await candidate.transaction()).abort();
+    };
+    await connectWithin(where, config.brokers, connect, () => candidate.disconnect(), ctx);
+    producer = candidate;
+  }
+
+  /**
+   * One batch, one Kafka transaction: the records of every request commit together, or abort
+   * together when a request fails (the batch is then retried whole, in a new transaction). Records
+   * refused for good go to the DLQ as without a transaction, and the others commit. After a failed
+   * transaction the producer is dropped; the next batch initialises a new one, which makes the broker
+   * finish or abort whatever transaction of this id is still open before anything else is written.
+   */
+  async function deliverInTransaction(records: PendingRecord[], failures: DeliveryFailure[]): Promise<void> {
+    const current = producer!;
+    let batch: Transaction;
+    try {
+      batch = await current.transaction();
+    } catch (error) {
+      await discard(current);
+      throw transient(error, records);
+    }
+    transaction = batch;
+    try {
+      await deliver(records, failures);
+      await ctx.failpoint?.("kafka.before-commit");
+      // A pipeline stopped or fenced mid-batch acknowledges nothing, and its next owner sends the
+      // batch again: aborting spares read_committed consumers a second copy.
+      if (ctx.signal.aborted) throw ctx.errors.transient(`${where}: the pipeline stopped before the transaction was committed; aborted it`);
+    } catch (error) {
+      transaction = undefined;
+      // Aborting now frees read_committed consumers at once. The producer goes either way: one that
+      // another producer of its id fenced fails every later transaction, and kafkajs cannot tell
+      // that apart from a passing failure; a new producer is right in both cases.
+      await batch.abort().catch(() => {});
+      await discard(current);
+      throw error;
+    }
+    transaction = undefined;
+    try {
+      await batch.commit();
+    } catch (error) {
+      await discard(current);
+      throw ctx.errors.transient(`${where}: committing the transaction failed: ${describeKafkaError(error)}`, error);
+    }
+  }
+
+  async function discard(current: Producer): Promise<void> {
+    if (producer === current) producer = undefined;
+    await current.disconnect().catch(() => {});
+  }
+
   function transient(error: unknown, records: PendingRecord[]): Error {
     // Kafka does not say which topic it refused; the batch's topics are the ones to check.
     const denied = kafkaErrorTypes(error).includes("TOPIC_AUTHORIZATION_FAILED")
@@ -271,18 +367,13 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
       if (producer) return;
       const unavailable = await ensureCodec(config.compression);
       if (unavailable) throw ctx.errors.config(`${where}: 'compression': ${unavailable}`);
-      const candidate = kafka.producer({
-        idempotent: config.idempotent,
-        maxInFlightRequests: config.idempotent ? 1 : undefined,
-        createPartitioner: Partitioners.DefaultPartitioner,
-        allowAutoTopicCreation: true,
-      });
-      await connectWithin(where, config.brokers, () => candidate.connect(), () => candidate.disconnect(), ctx);
-      producer = candidate;
+      await open();
     },
 
     async publish(batch: OutboxMessage[]): Promise<DeliveryFailure[]> {
       if (batch.length === 0) return [];
+      // A failed transaction dropped the producer: a new one settles what the broker still holds open.
+      if (!producer && config.transactional && !closing) await open();
       if (!producer) throw ctx.errors.transient(`${where}: not connected`);
       const failures: DeliveryFailure[] = [];
       const records: PendingRecord[] = [];
@@ -292,7 +383,8 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
         else failures.push(built);
       }
       if (records.length === 0) return failures;
-      await deliver(records, failures);
+      if (config.transactional) await deliverInTransaction(records, failures);
+      else await deliver(records, failures);
       return failures;
     },
 

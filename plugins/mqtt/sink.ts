@@ -42,6 +42,7 @@ export type MqttSinkConfig = z.output<typeof configSchema>;
 export const mqttSink: SinkDefinition<MqttSinkConfig> = {
   type: "mqtt",
   kind: "sink",
+  growBatches: true,
   summary: "Publishes each message to an MQTT topic at QoS 1 (delivered once the broker acknowledged it), with topic templates",
   config: configSchema,
   example: { url: "mqtt://localhost:1883", topic_template: "orders/{op}", qos: 1 },
@@ -50,6 +51,8 @@ export const mqttSink: SinkDefinition<MqttSinkConfig> = {
 
 /** MQTT 5 PUBACK reason codes that no retry can fix: the message goes to the DLQ. */
 const PERMANENT_REASONS = new Set([0x90 /* topic name invalid */, 0x95 /* packet too large */, 0x99 /* payload format invalid */]);
+/** A CloudEvents attribute name: lower-case ASCII letters and digits. */
+const EXTENSION_NAME = /^[a-z0-9]{1,20}$/;
 /** MQTT 5 PUBACK reason codes that refuse this very message (its attempts are spent). */
 const REFUSING_REASONS = new Set([0x87 /* not authorized */, 0x97 /* quota exceeded */]);
 
@@ -93,12 +96,21 @@ function createMqttSink(config: MqttSinkConfig, ctx: PluginContext) {
     const options: IClientPublishOptions = { qos: config.qos, retain: config.retain };
     if (config.protocol_version !== "5") return options;
     const userProperties: Record<string, string> = {};
-    for (const [name, value] of Object.entries(message.headers)) userProperties[name] = headerText(value);
-    userProperties["tide-dedup-key"] = message.dedupKey;
-    userProperties["tide-event-type"] = message.eventType;
-    userProperties["tide-outbox"] = message.outbox;
-    userProperties["tide-message-id"] = message.id.toString();
-    options.properties = { userProperties, contentType: "application/json" };
+    const attributes = message.cloudEventAttributes;
+    if (attributes) {
+      // CloudEvents MQTT binding, binary mode: every user property is read as an attribute, named as
+      // it is. So only the event's attributes go, and headers whose names are valid extension names
+      // (traceparent, tracestate); tide's own properties are the event's id and type already.
+      for (const [name, value] of Object.entries(message.headers)) if (EXTENSION_NAME.test(name)) userProperties[name] = headerText(value);
+      Object.assign(userProperties, attributes);
+    } else {
+      for (const [name, value] of Object.entries(message.headers)) userProperties[name] = headerText(value);
+      userProperties["tide-dedup-key"] = message.dedupKey;
+      userProperties["tide-event-type"] = message.eventType;
+      userProperties["tide-outbox"] = message.outbox;
+      userProperties["tide-message-id"] = message.id.toString();
+    }
+    options.properties = { userProperties, contentType: message.contentType ?? "application/json" };
     return options;
   }
 
@@ -142,6 +154,11 @@ function createMqttSink(config: MqttSinkConfig, ctx: PluginContext) {
       const failures: DeliveryFailure[] = [];
       const planned: Planned[] = [];
       for (const message of batch) {
+        if (message.cloudEventAttributes && config.protocol_version !== "5") {
+          const text = 'wire_format "cloudevents-binary" needs MQTT 5 (its attributes are user properties): set protocol_version "5", or use wire_format "cloudevents"';
+          failures.push(failure(message, false, text));
+          continue;
+        }
         try {
           planned.push({ message, topic: renderTopic(message) });
         } catch (error) {

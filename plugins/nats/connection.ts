@@ -75,12 +75,15 @@ export function checkAuth(config: ConnectionConfig, problem: (path: string, mess
 
 /** Opens a connection; reconnects forever once connected, but the first attempt fails fast. */
 export async function connectNats(config: ConnectionConfig, ctx: PluginContext, where: string): Promise<NatsConnection> {
-  const options: NodeConnectionOptions = {
+  const options: NodeConnectionOptions & { pendingLimit?: number } = {
     servers: config.url,
     name: `pg-tide ${ctx.pipeline}`,
     timeout: 5_000,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 1_000,
+    // The client writes to its socket whenever 32 KiB are waiting (its default, an option it does not
+    // declare); a sink hands over a whole batch at once: let it go out in one write at the end of the tick.
+    pendingLimit: 4 * 1024 * 1024,
     token: config.token,
     user: config.user,
     pass: config.password,

@@ -22,7 +22,7 @@ import {
   PublishDenials,
 } from "./connection.ts";
 import { JetStreamPublisher, type Outgoing } from "./jetstream_publisher.ts";
-import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBody, messageOf } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -54,6 +54,7 @@ export type NatsSinkConfig = z.output<typeof configSchema>;
 export const natsSink: SinkDefinition<NatsSinkConfig> = {
   type: "nats",
   kind: "sink",
+  growBatches: true,
   summary: "Publishes each message to a NATS subject; JetStream with PubAck and dedup where a stream stores it",
   config: configSchema,
   example: { url: "nats://localhost:4222", subject_template: "events.orders.{op}", mode: "auto" },
@@ -135,6 +136,15 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     put("Tide-Message-Id", message.id.toString());
     // JetStream dedups on it; core subscribers (and the nats source) can use it as the event id.
     put("Nats-Msg-Id", message.dedupKey);
+    // CloudEvents NATS binding: a Content-Type of application/cloudevents marks structured mode;
+    // binary mode maps every attribute, datacontenttype too, to a ce- header.
+    const attributes = message.cloudEventAttributes;
+    if (attributes) {
+      for (const [name, value] of Object.entries(attributes)) h.set(`ce-${name}`, cloudEventHeaderValue(value));
+      if (message.contentType) h.set("ce-datacontenttype", cloudEventHeaderValue(message.contentType));
+    } else if (message.contentType) {
+      h.set("Content-Type", message.contentType);
+    }
     return h;
   }
 

@@ -57,6 +57,7 @@ export type RabbitmqSinkConfig = z.output<typeof configSchema>;
 export const rabbitmqSink: SinkDefinition<RabbitmqSinkConfig> = {
   type: "rabbitmq",
   kind: "sink",
+  growBatches: true,
   summary: "Publishes each message to a RabbitMQ exchange with publisher confirms (persistent, mandatory, routing-key templates)",
   config: configSchema,
   example: { url: "amqp://localhost:5672", exchange: "events", routing_key_template: "orders.{op}" },
@@ -220,11 +221,14 @@ function createRabbitmqSink(config: RabbitmqSinkConfig, ctx: PluginContext) {
     headers["tide-event-type"] = message.eventType;
     headers["tide-outbox"] = message.outbox;
     headers["tide-message-id"] = message.id.toString();
+    // CloudEvents AMQP binding: binary mode's attributes are application properties (headers here)
+    // named cloudEvents:<attribute>; either mode's media type is the content-type property.
+    for (const [name, value] of Object.entries(message.cloudEventAttributes ?? {})) headers[`cloudEvents:${name}`] = value;
     return {
       messageId: message.dedupKey,
       type: message.eventType,
       timestamp: Math.floor(message.createdAt.getTime() / 1000),
-      contentType: "application/json",
+      contentType: message.contentType ?? "application/json",
       appId: "pg-tide",
       persistent: config.persistent,
       mandatory: config.mandatory,

@@ -42,6 +42,7 @@ export type RedisSinkConfig = z.output<typeof configSchema>;
 export const redisSink: SinkDefinition<RedisSinkConfig> = {
   type: "redis",
   kind: "sink",
+  growBatches: true,
   summary: "Appends each message to a Redis stream (XADD, MAXLEN ~), idempotent across retries by dedup key",
   config: configSchema,
   example: { url: "redis://localhost:6379", stream_template: "events:{outbox}", maxlen: 1_000_000 },

@@ -31,6 +31,7 @@ export function defineStdoutSink(options: StdoutSinkOptions = {}): SinkDefinitio
   return {
     type: "stdout",
     kind: "sink",
+    growBatches: true,
     summary: "Writes each message as one JSON line to standard output",
     config: configSchema,
     example: { format: "json" },

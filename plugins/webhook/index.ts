@@ -7,7 +7,7 @@ import { isIP } from "node:net";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { createSigner, secretBytes } from "./sign.ts";
-import { PROBE_MESSAGE, payloadBody, withPayload, messageOf } from "../shared.ts";
+import { PROBE_MESSAGE, cloudEventHeaderValue, payloadBody, traceContextOf, withPayload, messageOf } from "../shared.ts";
 
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
@@ -194,6 +194,11 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
     const headers = baseHeaders(message.dedupKey, message.outbox);
     headers.set("X-Tide-Event-Type", headerSafe(message.eventType));
     headers.set("X-Tide-Message-Id", message.id.toString());
+    // CloudEvents HTTP binding: structured mode is told by the content type alone; binary mode puts
+    // every attribute in a ce- header and datacontenttype in Content-Type.
+    if (message.contentType) headers.set("Content-Type", message.contentType);
+    for (const [name, value] of Object.entries(message.cloudEventAttributes ?? {})) headers.set(`ce-${name}`, cloudEventHeaderValue(value));
+    for (const [name, value] of Object.entries(traceContextOf(message.headers))) headers.set(name, value);
     return send(url, payloadBody(message), withStaticHeaders(headers), message.dedupKey);
   }
 
@@ -201,10 +206,24 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
     const first = batch[0]!;
     const last = batch[batch.length - 1]!;
     const idempotencyKey = `${first.dedupKey}..${last.id}`;
-    const body = `[${batch
-      .map((m) => withPayload({ id: m.id.toString(), dedup_key: m.dedupKey, topic: m.topic, event_type: m.eventType, headers: m.headers }, m))
-      .join(",")}]`;
-    const headers = withStaticHeaders(baseHeaders(idempotencyKey, first.outbox));
+    if (first.cloudEventAttributes) {
+      // One request cannot carry each event's attributes in its headers.
+      const refusal = permanent(
+        "wire_format \"cloudevents-binary\" sends one event per request: use mode \"single\", or wire_format " +
+          "\"cloudevents\", whose events a batch carries as a CloudEvents batch",
+      );
+      return batch.map((m) => ({ id: m.id, ...refusal }));
+    }
+    // Structured CloudEvents go as the binding's batch: a JSON array of the events themselves.
+    const cloudEvents = first.contentType === CLOUDEVENTS_JSON;
+    const body = cloudEvents
+      ? `[${batch.map(payloadBody).join(",")}]`
+      : `[${batch
+        .map((m) => withPayload({ id: m.id.toString(), dedup_key: m.dedupKey, topic: m.topic, event_type: m.eventType, headers: m.headers }, m))
+        .join(",")}]`;
+    const base = baseHeaders(idempotencyKey, first.outbox);
+    if (cloudEvents) base.set("Content-Type", CLOUDEVENTS_BATCH_JSON);
+    const headers = withStaticHeaders(base);
     const failure = await send(config.url!, body, headers, idempotencyKey);
     if (!failure) return [];
     // A rejection means "retry the whole batch"; a refusal that retrying cannot fix is reported
@@ -232,6 +251,8 @@ function createWebhookSink(config: WebhookConfig, ctx: PluginContext) {
 }
 
 const VALUE_MARK = "\u0000";
+const CLOUDEVENTS_JSON = "application/cloudevents+json; charset=utf-8";
+const CLOUDEVENTS_BATCH_JSON = "application/cloudevents-batch+json; charset=utf-8";
 
 /**
  * The origin (scheme, host, port) that a url_template fixes before its first placeholder, or

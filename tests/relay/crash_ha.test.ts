@@ -62,7 +62,7 @@ describe("relay crashes", () => {
     const path = join(dir, "crash.jsonl");
     const batch = 50;
     await db.sql`SELECT tide.outbox_create('crash')`;
-    await db.sql`SELECT tide.relay_set_outbox('crash', 'crash', 'file', ${db.sql.json({ path })}, p_batch_size := ${batch})`;
+    await db.sql`SELECT tide.relay_set_outbox('crash', 'crash', 'file', ${db.sql.json({ path, max_batch_size: batch })}, p_batch_size := ${batch})`;
     await publishMany("crash", 3000);
     const first = relay();
     await waitFor("part of the stream to arrive", async () => (await readJsonl(path)).length >= 500, 60_000);

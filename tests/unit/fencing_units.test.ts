@@ -28,7 +28,7 @@ describe("TIDE_FAILPOINTS", () => {
   it("has a point at every stage the issue names", () => {
     expect([...FAILPOINTS].sort()).toEqual([
       "coordinator.holding-locks", "coordinator.reacquiring", "forward.after-commit", "forward.after-partial-publish",
-      "forward.after-publish", "forward.after-read", "forward.before-commit", "reverse.after-inbox-commit",
+      "forward.after-publish", "forward.after-read", "forward.before-commit", "kafka.before-commit", "reverse.after-inbox-commit",
     ]);
   });
 });
