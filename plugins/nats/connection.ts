@@ -13,7 +13,7 @@ import {
   type NodeConnectionOptions,
   PermissionViolationError,
 } from "@nats-io/transport-node";
-import { type JetStreamManager, jetstreamManager } from "@nats-io/jetstream";
+import { type JetStreamManager, jetstreamManager, StorageType } from "@nats-io/jetstream";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
 import { cloudEventId, messageOf } from "../shared.ts";
@@ -180,6 +180,49 @@ export async function openManager(
 }
 
 export type StreamLookup = { stream: string } | { none: string } | { ambiguous: string[] };
+
+/**
+ * `create_stream`: the stream the pipeline creates when none stores its subject (instead of failing,
+ * or of a source falling back to core NATS). Never changes an existing stream.
+ */
+export const createStreamSchema = z
+  .strictObject({
+    name: z.string().regex(/^[^\s.*>/\\]+$/, "must be a stream name without whitespace, '.', '*', '>', '/' or '\\'"),
+    /** Default: the pipeline's subject. Required with a sink's subject_template. */
+    subjects: z.array(z.string().min(1)).min(1).optional(),
+    storage: z.enum(["file", "memory"]).default("file"),
+    /** Messages older than this are removed by the server; 0 or absent keeps them (limits by default). */
+    max_age_ms: z.number().int().min(0).optional(),
+  })
+  .optional();
+
+export type CreateStream = NonNullable<z.output<typeof createStreamSchema>>;
+
+/** Creates the stream `spec` names (or finds it, when another relay just did); returns its name. */
+export async function createStream(
+  jsm: JetStreamManager,
+  spec: CreateStream,
+  subject: string,
+  ctx: PluginContext,
+  where: string,
+): Promise<string> {
+  const subjects = spec.subjects ?? [subject];
+  try {
+    await jsm.streams.add({
+      name: spec.name,
+      subjects,
+      storage: spec.storage === "memory" ? StorageType.Memory : StorageType.File,
+      ...(spec.max_age_ms ? { max_age: spec.max_age_ms * 1_000_000 } : {}),
+    });
+    ctx.logger.info(`${where}: created JetStream stream "${spec.name}" for ${subjects.map((s) => `"${s}"`).join(", ")} (create_stream)`);
+  } catch (error) {
+    const existing = await jsm.streams.info(spec.name).catch(() => undefined);
+    if (!existing) {
+      throw ctx.errors.config(`${where}: 'create_stream': cannot create stream "${spec.name}": ${messageOf(error)}`);
+    }
+  }
+  return spec.name;
+}
 
 /**
  * Which stream stores `subject` (a wildcard subject matches the streams it overlaps).

@@ -7,7 +7,7 @@
 // allow_dots_in names its placeholder; {topic} always may), and no value may lead the subject into
 // the server's own "$" APIs ($JS, $SYS, $KV), which the relay's credentials may be allowed to use.
 
-import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
+import type { MsgHdrs, NatsConnection } from "@nats-io/transport-node";
 import type { JetStreamManager } from "@nats-io/jetstream";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
@@ -17,10 +17,13 @@ import {
   connectNats,
   findStream,
   flushWithin,
+  createStream,
+  createStreamSchema,
   isPublishSubject,
   openManager,
   PublishDenials,
 } from "./connection.ts";
+import { HeaderBlock } from "./header_block.ts";
 import { JetStreamPublisher, type Outgoing } from "./jetstream_publisher.ts";
 import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBody, messageOf } from "../shared.ts";
 
@@ -40,12 +43,18 @@ const configSchema = z
     mode: z.enum(["auto", "jetstream", "core"]).default("auto"),
     /** How long to wait for a PubAck (and for JetStream API calls). */
     timeout_ms: z.number().int().positive().default(5_000),
+    /** The stream to create at connect when none stores the subject (its `subjects`, or `subject`). */
+    create_stream: createStreamSchema,
   })
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
     if (!config.subject && !config.subject_template) problem("subject", "required unless 'subject_template' is set");
     if (config.subject && config.subject_template) problem("subject_template", "cannot be combined with 'subject'");
     if (config.allow_dots_in.length > 0 && !config.subject_template) problem("allow_dots_in", "applies to 'subject_template' only");
+    if (config.create_stream && config.mode === "core") problem("create_stream", "applies to JetStream only, not mode \"core\"");
+    if (config.create_stream && !config.create_stream.subjects && !config.subject) {
+      problem("create_stream", "needs 'subjects' with 'subject_template' (e.g. [\"orders.>\"])");
+    }
     checkAuth(config, problem);
   });
 
@@ -118,16 +127,16 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   }
 
   function headersFor(message: OutboxMessage): MsgHdrs {
-    const h = natsHeaders();
+    const h = new HeaderBlock();
     let clash = false;
-    for (const [name, value] of Object.entries(message.headers)) {
+    for (const name of Object.keys(message.headers)) {
       clash ||= TIDE_HEADERS.has(name);
-      try {
-        // A JSON object's names are distinct: append (set would look for the name first).
-        h.append(name, headerText(value).replace(/[\r\n]+/g, " "));
-      } catch {
+      if (!HeaderBlock.validName(name)) {
         ctx.logger.debug(`${where}: header "${name}" is not a valid NATS header name; not sent`, { id: message.id.toString() });
+        continue;
       }
+      // A JSON object's names are distinct: append (set would look for the name first).
+      h.append(name, headerText(message.headers[name]).replace(/[\r\n]+/g, " "));
     }
     // tide's own headers replace a message header of the same name (set), which is rare: append.
     const put = clash ? h.set.bind(h) : h.append.bind(h);
@@ -145,7 +154,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
     } else if (message.contentType) {
       h.set("Content-Type", message.contentType);
     }
-    return h;
+    return h.asMsgHdrs();
   }
 
   function renderSubject(template: string, message: OutboxMessage): string {
@@ -199,6 +208,11 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       try {
         if (config.mode !== "core") {
           jsm = await openManager(connection, config.timeout_ms, config.mode, where, ctx);
+          if (config.create_stream) {
+            if (!jsm) throw ctx.errors.config(`${where}: 'create_stream' needs JetStream, which is not enabled on the server`);
+            const subjects = config.create_stream.subjects ?? [config.subject!];
+            if ("none" in (await findStream(jsm, subjects[0]!))) await createStream(jsm, config.create_stream, subjects[0]!, ctx, where);
+          }
           if (config.subject && config.mode === "jetstream") {
             const found = await findStream(jsm, config.subject);
             if ("none" in found) throw ctx.errors.config(`${where}: 'subject': ${found.none} (mode "jetstream")`);

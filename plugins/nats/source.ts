@@ -6,7 +6,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { z } from "zod";
 import type { PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
-import { checkAuth, connectionShape, connectNats, findStream, isFilterSubject, openManager } from "./connection.ts";
+import { checkAuth, connectionShape, connectNats, createStream, createStreamSchema, findStream, isFilterSubject, openManager } from "./connection.ts";
 import { messageOf } from "../shared.ts";
 import { type NatsReader, openCoreReader, openJetStreamReader } from "./readers.ts";
 
@@ -24,6 +24,8 @@ const configSchema = z
     consumer_group: durableName.optional(),
     /** The stream to read; default: the one that stores `subject`. */
     stream: z.string().min(1).optional(),
+    /** The stream to create when none stores `subject` (instead of failing, or of reading core NATS). */
+    create_stream: createStreamSchema,
     /** auto: JetStream where a stream stores the subject, else core; jetstream: a stream is required; core: never JetStream. */
     mode: z.enum(["auto", "jetstream", "core"]).default("auto"),
     /** Where a new durable consumer starts: every stored message, or only those published after it exists. */
@@ -41,6 +43,8 @@ const configSchema = z
       problem("consumer_group", `must equal 'durable_name' when both are set (got "${config.consumer_group}")`);
     }
     if (config.stream && config.mode === "core") problem("stream", "applies to JetStream only, not mode \"core\"");
+    if (config.create_stream && config.mode === "core") problem("create_stream", "applies to JetStream only, not mode \"core\"");
+    if (config.create_stream && config.stream) problem("create_stream", "cannot be combined with 'stream' (name the stream in create_stream)");
     checkAuth(config, problem);
   });
 
@@ -75,7 +79,20 @@ function createNatsSource(config: NatsSourceConfig, ctx: PluginContext) {
         throw ctx.errors.config(`${where}: 'subject' "${config.subject}" spans streams ${found.ambiguous.join(", ")}; set 'stream'`);
       }
       if ("stream" in found) stream = found.stream;
+      else if (config.create_stream) stream = await createStream(jsm, config.create_stream, config.subject, ctx, where);
       else if (config.mode === "jetstream") throw ctx.errors.config(`${where}: 'subject': ${found.none} (mode "jetstream")`);
+      else if (config.durable_name || config.consumer_group) {
+        // Asked for a durable consumer: reading core NATS instead would lose what is published while
+        // the relay is down, so that is an error, not a fallback.
+        const named = config.durable_name ? "durable_name" : "consumer_group";
+        throw ctx.errors.config(
+          `${where}: '${named}' asks for a durable JetStream consumer, but ${found.none}: create a stream that stores it, ` +
+            `set 'create_stream': {"name": "..."} to have the relay create one, or leave out '${named}' to read core NATS (at-most-once)`,
+        );
+      }
+    } else if (!jsm && (config.durable_name || config.consumer_group || config.create_stream)) {
+      const named = config.create_stream ? "create_stream" : config.durable_name ? "durable_name" : "consumer_group";
+      throw ctx.errors.config(`${where}: '${named}' needs JetStream, which is not enabled on the server`);
     }
     if (!stream || !jsm) {
       ctx.logger.info(`${where}: no JetStream stream stores "${config.subject}"; subscribing on core NATS (at-most-once)`);
