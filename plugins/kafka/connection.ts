@@ -75,7 +75,10 @@ export function createKafkaClient(config: ConnectionConfig, ctx: PluginContext, 
     // kafkajs retries inside one call; tide's own backoff takes over after that.
     retry: { retries: 5, initialRetryTime: 300, maxRetryTime: 3_000 },
     logLevel: logLevel.WARN,
-    logCreator: () => (entry: LogEntry) => forwardLog(entry, ctx),
+    logCreator: () => {
+      const repeats = new RepeatedLines();
+      return (entry: LogEntry) => forwardLog(entry, ctx, repeats);
+    },
   };
   return new Kafka(options);
 }
@@ -144,10 +147,38 @@ function kafkaSsl(ssl: ConnectionConfig["ssl"]): KafkaConfig["ssl"] {
  * the metadata answer while a topic is being auto-created) and the warning about the idempotent
  * producer's bounded retries (tide retries, and consumers deduplicate on tide-dedup-key) are debug.
  */
-function forwardLog({ namespace, level, log }: LogEntry, ctx: PluginContext): void {
+function forwardLog({ namespace, level, log }: LogEntry, ctx: PluginContext, repeats: RepeatedLines): void {
   const { message, timestamp: _timestamp, logger: _logger, ...fields } = log as unknown as Record<string, unknown>;
   const text = `kafkajs ${namespace}: ${String(message)}`;
   const noise = namespace === "Connection" || String(message).startsWith("Limiting retries for the idempotent producer");
-  if (noise || level >= logLevel.INFO) ctx.logger.debug(text, fields);
-  else ctx.logger.warn(text, fields);
+  if (noise || level >= logLevel.INFO) return ctx.logger.debug(text, fields);
+  // kafkajs retries inside each call and logs every retry: during an outage that is the same line
+  // many times a second. Each line goes out at warn once a minute, with how often it came meanwhile.
+  const suppressed = repeats.note(text);
+  if (suppressed === undefined) ctx.logger.debug(text, fields);
+  else ctx.logger.warn(text, suppressed > 0 ? { ...fields, repeated: suppressed } : fields);
+}
+
+/**
+ * Which warnings were logged lately: a line (its text with numbers taken out: ports, retry counts
+ * and times vary) is let through once per `windowMs`; note() returns undefined for a repeat inside
+ * the window, else how many repeats were held back since the line last went out.
+ */
+export class RepeatedLines {
+  readonly #seen = new Map<string, { at: number; suppressed: number }>();
+
+  constructor(readonly windowMs = 60_000, readonly now: () => number = Date.now) {}
+
+  note(text: string): number | undefined {
+    const key = text.replace(/\d+/g, "#");
+    const now = this.now();
+    const seen = this.#seen.get(key);
+    if (seen && now - seen.at < this.windowMs) {
+      seen.suppressed++;
+      return undefined;
+    }
+    if (this.#seen.size >= 100) this.#seen.clear(); // bounded; a cleared line just goes out once more
+    this.#seen.set(key, { at: now, suppressed: 0 });
+    return seen?.suppressed ?? 0;
+  }
 }
