@@ -201,6 +201,20 @@ interface DefinitionBase<Config> {
   config: StandardSchemaV1<unknown, Config>;
   /** A config that validates: shown by `pg-tide plugins`, checked by the contract tests. */
   example: Record<string, unknown>;
+  /** The plugin's own version, logged when the relay loads it. */
+  version?: string;
+}
+
+/**
+ * What pg-tide hands a drop-in plugin whose default export is a function (`export default ({ z }) =>
+ * ({ ... })`): a file next to the compiled binary has no node_modules to import zod from, so it takes
+ * the zod the binary carries.
+ */
+export interface PluginKit {
+  z: typeof import("zod").z;
+  errors: PluginErrors;
+  /** pg-tide's version. */
+  tideVersion: string;
 }
 
 export interface SinkDefinition<Config = any> extends DefinitionBase<Config> {

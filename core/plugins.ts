@@ -6,11 +6,13 @@
 
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
+import { z } from "zod";
 import { builtinPlugins } from "../plugins/registry.ts";
 import { ConfigError, PluginError, pluginErrors } from "./errors.ts";
 import type { Logger } from "./log.ts";
-import type { HttpRoutes, PluginContext, PluginDefinition, PluginKind } from "./plugin.ts";
+import type { HttpRoutes, PluginContext, PluginDefinition, PluginKind, PluginKit } from "./plugin.ts";
 import { renderTemplate } from "./template.ts";
+import { VERSION } from "./version.ts";
 
 /** Where a definition comes from: built into pg-tide, or a drop-in named in a manifest's [plugins]. */
 export type PluginOrigin = "built-in" | DropIn;
@@ -52,6 +54,16 @@ export class PluginRegistry {
   }
 
   /** Built-in types that a drop-in replaced (override = true), to say so at start and in check. */
+  /** The drop-ins loaded: what the relay logs at start. */
+  dropIns(): { kind: PluginKind; type: string; plugin: string; file: string; version?: string }[] {
+    return [...this.#plugins.values()]
+      .filter((entry) => entry.origin !== "built-in")
+      .map(({ definition, origin }) => ({
+        kind: definition.kind, type: definition.type, plugin: (origin as DropIn).name, file: (origin as DropIn).file,
+        version: definition.version,
+      }));
+  }
+
   replaced(): { kind: PluginKind; type: string; plugin: string }[] {
     return [...this.#plugins.values()]
       .filter((entry) => entry.replaced)
@@ -83,7 +95,14 @@ export class PluginRegistry {
     } catch (error) {
       throw new PluginError(`plugin "${name}": cannot load ${file}: ${(error as Error).message}`, { cause: error });
     }
-    const definition = module.default as PluginDefinition;
+    let definition = module.default as PluginDefinition | ((kit: PluginKit) => PluginDefinition);
+    if (typeof definition === "function") {
+      try {
+        definition = definition({ z, errors: pluginErrors, tideVersion: VERSION });
+      } catch (error) {
+        throw new PluginError(`plugin "${name}": ${file}: its default export failed: ${(error as Error).message}`, { cause: error });
+      }
+    }
     this.add(definition, { name, file, override: options.override });
     return definition;
   }
@@ -125,7 +144,7 @@ function key(kind: string, type: string): string {
 function checkDefinition(definition: PluginDefinition, origin: string): void {
   const problems: string[] = [];
   if (!definition || typeof definition !== "object") {
-    throw new PluginError(`${origin}: the module must default-export a plugin definition object`);
+    throw new PluginError(`${origin}: the module must default-export a plugin definition object, or a function that takes the plugin kit ({ z, errors, tideVersion }) and returns one`);
   }
   if (typeof definition.type !== "string" || !/^[A-Za-z_][A-Za-z0-9_-]*$/.test(definition.type)) problems.push("'type' must be a name");
   if (definition.kind !== "sink" && definition.kind !== "source") problems.push("'kind' must be \"sink\" or \"source\"");

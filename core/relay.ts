@@ -150,6 +150,9 @@ export class Relay {
 
   /** Drop-in plugin types must be in the catalog before pipelines can name them. */
   async #registerPluginTypes(): Promise<void> {
+    for (const { kind, type, plugin, file, version } of this.registry.dropIns()) {
+      this.#options.logger.info(`loaded plugin "${plugin}": ${kind} "${type}"${version ? ` ${version}` : ""} from ${file}`, { plugin, kind, type, file, version });
+    }
     for (const { kind, type, plugin } of this.registry.replaced()) {
       this.#options.logger.warn(`plugin "${plugin}" replaces the built-in ${kind} "${type}" (override = true in the manifest)`);
     }

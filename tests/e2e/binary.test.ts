@@ -3,11 +3,11 @@
 // the messages arrive; SIGTERM ends it with exit code 0.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
-import { mkdtemp, writeFile } from "node:fs/promises";
+import { copyFile, mkdtemp, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
-import { readJsonl, waitFor } from "../support/relay.ts";
+import { collectLines, readJsonl, waitFor } from "../support/relay.ts";
 import { requireService } from "../support/services.ts";
 import { connect } from "@nats-io/transport-node";
 
@@ -130,6 +130,56 @@ subject = "${subject}"
       await nc.close();
     }
     expect(await relay.exited).toBe(0);
+  }, 60_000);
+
+  it("loads a drop-in that sits alone in a folder with no node_modules, taking zod from the binary", async () => {
+    const alone = await mkdtemp(join(tmpdir(), "tide-kit-"));
+    await copyFile(join(ROOT, "tests", "fixtures", "plugins", "kit_sink.js"), join(alone, "kit_sink.js"));
+    const out = join(alone, "out.jsonl");
+    const manifest = join(alone, "pg-tide.toml");
+    await writeFile(manifest, `
+[relay]
+postgres_url = "\${env:E2E_DATABASE_URL}"
+metrics_addr = "127.0.0.1:0"
+
+[plugins]
+kit = "kit_sink.js"
+
+[[pipelines]]
+name = "kit-good"
+outbox = "kit_orders"
+sink_type = "kitsink"
+[pipelines.config]
+path = "${out}"
+
+[[pipelines]]
+name = "kit-bad"
+outbox = "kit_orders"
+sink_type = "kitsink"
+[pipelines.config]
+file = "${out}"
+`);
+    const env = { ...process.env, E2E_DATABASE_URL: db.url };
+    const listed = Bun.spawnSync([BINARY, "plugins", "--output", "json", "--config", manifest], { cwd: alone, env });
+    expect(listed.exitCode).toBe(0);
+    expect(JSON.parse(listed.stdout.toString()).map((p: { type: string }) => p.type)).toContain("kitsink");
+    // The kit's zod validates the config: the good pipeline passes, the bad one is named with its key.
+    const check = Bun.spawnSync([BINARY, "check", "--config", manifest], { cwd: alone, env });
+    const checked = `${check.stdout}${check.stderr}`;
+    expect(checked).toContain(`pipeline "kit-bad": kitsink sink config is invalid: 'path'`);
+    expect(checked).toContain('Unrecognized key: "file"');
+    expect(checked).not.toContain('pipeline "kit-good"');
+
+    await db.sql`SELECT tide.outbox_create('kit_orders')`;
+    const relay = Bun.spawn([BINARY, "run", "--config", manifest], { cwd: alone, env, stdout: "pipe", stderr: "pipe" });
+    const log = collectLines(relay.stderr);
+    try {
+      await waitFor("the plugin's load logged", () =>
+        log.lines.some((l) => l.includes("loaded plugin") && l.includes("kitsink") && l.includes("1.2.3") && l.includes("kit_sink.js")));
+    } finally {
+      relay.kill("SIGTERM");
+    }
+    await relay.exited;
   }, 60_000);
 
   it("lists drop-in plugins next to the built-in ones", () => {
