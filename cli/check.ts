@@ -7,6 +7,7 @@ import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError, toError } from "../core/errors.ts";
 import type { PipelineRow } from "../core/forward.ts";
 import { createLogger } from "../core/log.ts";
+import { manifestPipelineProblems } from "../core/manifest_sync.ts";
 import { preparePipeline } from "../core/pipeline_config.ts";
 import { pluginContext, type PluginRegistry } from "../core/plugins.ts";
 import { writeStdout } from "../core/runtime.ts";
@@ -46,6 +47,8 @@ export async function checkCommand(args: string[]): Promise<number> {
     config: p.config,
   }));
   const url = flags["postgres-url"];
+  /** What the catalog refuses of the manifest's pipelines, as the relay would at start. */
+  let refused = new Map<string, string>();
   if (!manifest && !url) {
     throw new ConfigError(
       "pg-tide check: nothing to check: give --config FILE (or PG_TIDE_CONFIG), --postgres-url URL (or PG_TIDE_POSTGRES_URL), or both",
@@ -55,6 +58,9 @@ export async function checkCommand(args: string[]): Promise<number> {
     const sql = connect(url, { max: 1, applicationName: "pg-tide check" });
     try {
       await verifyConnection(sql, url);
+      if (manifest?.pipelines.length) {
+        refused = await manifestPipelineProblems(sql, manifest.pipelines, registry.all().map(({ type, kind }) => ({ type, kind })));
+      }
       const catalog = await sql<PipelineRow[]>`SELECT * FROM tide.relay_pipelines ORDER BY name`;
       const declared = new Set(rows.map((r) => r.name));
       rows.push(...catalog.filter((row) => !declared.has(row.name)));
@@ -64,7 +70,7 @@ export async function checkCommand(args: string[]): Promise<number> {
   }
   const problems: string[] = [];
   for (const row of rows) {
-    const problem = await pipelineProblem(row, registry);
+    const problem = (await pipelineProblem(row, registry)) ?? refused.get(row.name);
     if (problem) problems.push(problem);
   }
   if (manifest) writeStdout(`manifest ${manifest.path}: ok (${Object.keys(manifest.plugins).length} drop-in plugins)\n`);
