@@ -25,6 +25,8 @@ try {
   exit(await main(argv()));
 } catch (error) {
   const err = toError(error);
-  writeStderr(`pg-tide: ${redactText(err.message)}\n`);
+  // A message that already names the command ("pg-tide install: ...") is not prefixed again.
+  const text = redactText(err.message);
+  writeStderr(`${text.startsWith("pg-tide ") ? "" : "pg-tide: "}${text}\n`);
   exit(exitCodeOf(err));
 }

@@ -3,11 +3,17 @@
 // p50/p99: a writer inserts one row per transaction at a steady rate, the relay delivers each change
 // (wire_format sequin) to a local webhook that records the arrival time.
 //   bun bench/capture.ts [--rows 100000] [--singles 5000] [--rate 500] [--seconds 20]
+// With --wal: plain vs trigger-captured vs WAL-captured tables in one run, on an embedded PostgreSQL 18
+// started with wal_level=logical: single-row insert p50/p99 at --clients (8) concurrent writers, a bulk
+// insert of --rows, and the relay's peak RSS while it reads one source transaction of --big-mb MiB.
+//   bun bench/capture.ts --wal [--rows 100000] [--singles 4000] [--clients 8] [--big-mb 100]
 // Figures go to stdout; nothing is asserted.
 
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, scratchDatabase, spawnRelay, startReceiver, summarize,
 } from "./support.ts";
+import { startEmbeddedPostgres } from "../core/embedded.ts";
+import { installSchema } from "../core/schema.ts";
 
 const ROWS = intFlag("rows", 100_000);
 const SINGLES = intFlag("singles", 5_000);
@@ -92,6 +98,92 @@ async function changeLatency() {
   }
 }
 
+/** Trigger vs WAL capture vs no capture, on a server of its own with wal_level=logical. */
+async function walMode() {
+  const clients = intFlag("clients", 8);
+  const singles = intFlag("singles", 4_000);
+  const bigMiB = intFlag("big-mb", 100);
+  const server = await startEmbeddedPostgres(undefined, ["-c", "wal_level=logical", "-c", "max_wal_size=4GB"]);
+  const url = server.url.replace(/\/postgres$/, "/bench");
+  const admin = connectTo(server.url, 1);
+  await admin.unsafe("CREATE DATABASE bench");
+  await admin.end();
+  const sql = connectTo(url, clients + 2);
+  let relay: ReturnType<typeof spawnRelay> | undefined;
+  try {
+    await installSchema(sql as never);
+    const [{ version }] = await sql`SELECT current_setting('server_version') AS version`;
+    const tables = ["plain", "trigger", "wal"];
+    for (const table of tables) await sql.unsafe(`CREATE TABLE ${table} ${TABLE}`);
+    await sql`SELECT tide.outbox_create('changes')`;
+    await sql`SELECT tide.capture_table('trigger', 'changes')`;
+    await sql`SELECT tide.capture_table('wal', 'changes', p_mode => 'wal')`;
+    relay = spawnRelay(url);
+    await relay.logged("reading WAL capture slot");
+    // Single-row inserts from `clients` writers; the tables take turns, in rounds, so drift hits each alike.
+    const latencies = new Map<string, number[]>(tables.map((t) => [t, []]));
+    const rounds = 4;
+    let next = ROWS + 1;
+    for (let round = 0; round < rounds; round++) {
+      for (const table of tables) {
+        const per = Math.ceil(singles / rounds / clients);
+        await Promise.all(Array.from({ length: clients }, async () => {
+          for (let i = 0; i < per; i++) {
+            const id = next++;
+            const start = performance.now();
+            await sql.unsafe(`INSERT INTO ${table} (id, customer_id, total) VALUES (${id}, 1, 9.99)`);
+            latencies.get(table)!.push(performance.now() - start);
+          }
+        }));
+      }
+    }
+    const bulk = new Map<string, number>();
+    for (const table of tables) {
+      const start = performance.now();
+      await sql.unsafe(`INSERT INTO ${table} (id, customer_id, total, status)
+                        SELECT g, g % 1000, g * 0.5, 'new' FROM generate_series(1, ${ROWS}) g`);
+      bulk.set(table, performance.now() - start);
+    }
+    const plain = summarize(latencies.get("plain")!);
+    const rows = tables.map((table) => {
+      const s = summarize(latencies.get(table)!);
+      return [table, fixed(s.p50, 3), fixed(s.p99, 3), `${fixed(s.p50 / plain.p50, 2)}×`, fixed(bulk.get(table)!, 0),
+        `${fixed(bulk.get(table)! / bulk.get("plain")!, 2)}×`];
+    });
+    console.log(`\n### Capture modes: writer cost (PostgreSQL ${version}, ${clients} clients, ${singles} single-row inserts per table, ${ROWS}-row bulk insert)\n`);
+    console.log(markdownTable(["table", "single insert p50 ms", "p99 ms", "p50 / plain", "bulk INSERT ms", "bulk / plain"], rows));
+
+    // One large source transaction: the relay's peak RSS while it writes it into the outbox.
+    const expected = async () => (await sql`SELECT count(*)::int AS n FROM tide.outbox_messages WHERE topic = 'public.wal'`)[0].n;
+    const walBefore = singles + ROWS;
+    let deadline = Date.now() + 600_000;
+    while ((await expected()) < walBefore && Date.now() < deadline) await Bun.sleep(200);
+    const rssBefore = relay.memory().rssMiB;
+    const bigRows = Math.floor((bigMiB * 1024 * 1024) / 1024);
+    const start = performance.now();
+    await sql.unsafe(`INSERT INTO wal (id, customer_id, total, status)
+                      SELECT g, 1, 1.00, repeat('x', 1000) FROM generate_series(${10_000_000}, ${10_000_000 + bigRows - 1}) g`);
+    const written = performance.now();
+    deadline = Date.now() + 1_800_000;
+    while ((await expected()) < walBefore + bigRows && Date.now() < deadline) await Bun.sleep(200);
+    const done = performance.now();
+    const memory = relay.memory();
+    console.log(`\n### WAL capture of one ${bigMiB} MiB transaction (${bigRows} rows of ~1 KiB)\n`);
+    console.log(markdownTable(["source INSERT s", "in the outbox after s", "relay RSS before MiB", "relay peak RSS MiB"], [
+      [fixed((written - start) / 1000, 1), fixed((done - written) / 1000, 1), fixed(rssBefore), fixed(memory.peakMiB)],
+    ]));
+    if (relay.problems.length) console.log(`\nrelay warnings:\n${relay.problems.join("\n")}`);
+  } finally {
+    await relay?.stop();
+    await sql.end();
+    await server.stop();
+  }
+}
+
 console.log(await describeMachine());
-await writeOverhead();
-await changeLatency();
+if (process.argv.includes("--wal")) {
+  await walMode();
+} else {
+  await writeOverhead();
+  await changeLatency();
+}

@@ -6,6 +6,9 @@ import { devCommand } from "./dev.ts";
 import { statusCommand } from "./status.ts";
 import { checkCommand } from "./check.ts";
 import { pluginsCommand } from "./plugins.ts";
+import { applyCommand } from "./apply.ts";
+import { dlqCommand } from "./dlq.ts";
+import { traceCommand } from "./trace.ts";
 import { VERSION } from "../core/version.ts";
 import { runtimeName, writeStdout } from "../core/runtime.ts";
 
@@ -21,6 +24,9 @@ export const COMMANDS: Record<string, Command> = {
   check: { summary: "validate a manifest and every pipeline config without touching sinks", run: checkCommand },
   plugins: { summary: "list sink and source types with example configs", run: pluginsCommand },
   status: { summary: "show pipelines, owners, health, lag and DLQ depth", run: statusCommand },
+  apply: { summary: "write a manifest's pipelines into the catalog; --wait until the relays run them", run: applyCommand },
+  dlq: { summary: "list, replay or discard dead letters", run: dlqCommand },
+  trace: { summary: "where is my event? an outbox message or inbox event, per consumer group", run: traceCommand },
   version: {
     summary: "print the version",
     run: async (args) => {

@@ -3,6 +3,7 @@
 
 import { createServer } from "node:net";
 import { connect } from "../core/db.ts";
+import { ConfigError, toError } from "../core/errors.ts";
 import { startEmbeddedPostgres } from "../core/embedded.ts";
 import { Relay } from "../core/relay.ts";
 import { installSchema } from "../core/schema.ts";
@@ -14,6 +15,12 @@ const DEFAULT_METRICS_HOST = "127.0.0.1";
 const DEFAULT_METRICS_PORT = 9090;
 
 const FLAGS = {
+  "postgres-url": {
+    type: "string",
+    placeholder: "URL",
+    help: "run the demo in this database (the schema is installed, the outbox \"orders\" and the pipeline " +
+      "\"orders-to-stdout\" created and left there) instead of an embedded PostgreSQL; what the compiled binary needs",
+  },
   port: { type: "string", placeholder: "PORT", help: "port for the embedded PostgreSQL (default: a free one)" },
   "publish-every": {
     type: "string",
@@ -31,11 +38,12 @@ const FLAGS = {
 } as const;
 
 export const DEV_HELP = formatHelp(
-  "pg-tide dev [--port PORT] [--publish-every SECONDS]",
+  "pg-tide dev [--postgres-url URL] [--port PORT] [--publish-every SECONDS]",
   "Starts an embedded PostgreSQL 18 with the tide schema, creates the outbox \"orders\" and the\n" +
     "pipeline \"orders-to-stdout\", publishes demo events and runs the relay, which prints every\n" +
     "delivered message as a JSON line. Connect with the printed URL to publish your own. Ctrl-C stops\n" +
-    "everything and removes the database. Needs a source checkout (npm install); not in the binary.",
+    "everything and removes the database. The embedded PostgreSQL comes with a source checkout (npm\n" +
+    "install); the compiled binary has none: give it --postgres-url to run the demo in a database of yours.",
   FLAGS,
 );
 
@@ -53,10 +61,18 @@ export async function devCommand(args: string[]): Promise<number> {
   let relay: Relay | undefined;
   let signalled: string | undefined;
   const stopSignal = stopSignals(logger, () => relay).then((signal) => (signalled = signal));
-  logger.info("starting embedded PostgreSQL 18");
-  const server = await startEmbeddedPostgres(flags.port ? Number(flags.port) : undefined).catch((error) => {
+  const given = flags["postgres-url"];
+  if (given !== undefined && flags.port !== undefined) {
+    throw new ConfigError("pg-tide dev: --port is the embedded PostgreSQL's; with --postgres-url there is none");
+  }
+  if (given === undefined) logger.info("starting embedded PostgreSQL 18");
+  const server = given !== undefined ? { url: given, stop: async () => {} } : await startEmbeddedPostgres(flags.port ? Number(flags.port) : undefined).catch((error) => {
     if (signalled) return undefined; // Ctrl-C reached initdb too; nothing is left running
-    throw error;
+    throw new ConfigError(
+      `pg-tide dev: cannot start an embedded PostgreSQL (${toError(error).message}); it comes with a source checkout ` +
+        `(npm install), not with the compiled binary: give --postgres-url URL to run the demo in a database of yours`,
+      { cause: error },
+    );
   });
   if (server === undefined) return 0;
   const sql = connect(server.url, { max: 2, applicationName: "pg-tide dev" });

@@ -5,7 +5,8 @@ import { join } from "node:path";
 import { connect, verifyConnection } from "../core/db.ts";
 import { extensionFiles, installSchema } from "../core/schema.ts";
 import { writeStdout } from "../core/runtime.ts";
-import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
+import { ConfigError } from "../core/errors.ts";
+import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG } from "./args.ts";
 
 const FLAGS = {
   "postgres-url": POSTGRES_URL_FLAG,
@@ -34,6 +35,13 @@ export async function installCommand(args: string[]): Promise<number> {
     return 0;
   }
   const dir = flags["extension-dir"];
+  const urlGiven = args.some((arg) => arg === "--postgres-url" || arg.startsWith("--postgres-url="));
+  if (dir && urlGiven) {
+    throw new ConfigError(
+      "pg-tide install: give either --postgres-url (install into that database) or --extension-dir " +
+        "(write the CREATE EXTENSION files), not both",
+    );
+  }
   if (dir) {
     const files = extensionFiles();
     await mkdir(dir, { recursive: true });
@@ -44,7 +52,13 @@ export async function installCommand(args: string[]): Promise<number> {
     writeStdout("now run: CREATE EXTENSION pg_tide;\n");
     return 0;
   }
-  const url = requireUrl("install", flags["postgres-url"]);
+  const url = flags["postgres-url"];
+  if (!url) {
+    throw new ConfigError(
+      "pg-tide install: say where the schema goes: --postgres-url URL (or PG_TIDE_POSTGRES_URL) installs it into " +
+        "that database; --extension-dir DIR writes the files for CREATE EXTENSION pg_tide instead",
+    );
+  }
   const sql = connect(url, { max: 1, applicationName: "pg-tide install" });
   try {
     await verifyConnection(sql, url);

@@ -155,7 +155,7 @@ export async function runCommand(args: string[]): Promise<number> {
     if (flags["log-format"] !== "json") throw error;
     // A relay that logs JSON reports the error that ends it as one JSON line too (secrets masked).
     const err = toError(error);
-    logger.error(`pg-tide: ${err.message}`, { error: err, exit_code: exitCodeOf(err) });
+    logger.error(`${err.message.startsWith("pg-tide ") ? "" : "pg-tide: "}${err.message}`, { error: err, exit_code: exitCodeOf(err) });
     return exitCodeOf(err);
   }
 }

@@ -7,8 +7,11 @@ import { redactText } from "../core/redact.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "../core/status.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
+import { CONFIG_FLAG, loadConfig } from "./manifest_flags.ts";
+import { columns } from "./table.ts";
 
 const FLAGS = {
+  config: { ...CONFIG_FLAG, help: "manifest whose [relay] postgres_url and relay_group_id are used when the flags are not given" },
   "postgres-url": POSTGRES_URL_FLAG,
   "relay-group-id": { type: "string", env: "PG_TIDE_RELAY_GROUP_ID", default: "default", placeholder: "ID", help: "whose ownership and positions to show" },
   output: { type: "string", default: "text", placeholder: "text|json", help: "a table for people, or JSON" },
@@ -16,20 +19,27 @@ const FLAGS = {
 } as const;
 
 export const STATUS_HELP = formatHelp(
-  "pg-tide status --postgres-url URL [--relay-group-id ID] [--output text|json]",
+  "pg-tide status [--postgres-url URL | --config FILE] [--relay-group-id ID] [--output text|json]",
   "Shows every pipeline: direction, source and target, owner, health, position (forward), lag\n" +
-    "(forward: undelivered outbox messages; reverse: unprocessed inbox rows), DLQ depth and last error;\n" +
+    "(forward: undelivered outbox messages; reverse: unprocessed inbox rows), DLQ depth, the config\n" +
+    "version the owner runs (\"v2 (v3 pending)\" while it restarts with a change), the last success\n" +
+    "and the last error with its time (\"past:\" once the pipeline recovered);\n" +
     "then the consumer groups no pipeline reads that have messages waiting, which the retention sweep\n" +
     "keeps until they are read or the group is dropped.",
   FLAGS,
 );
 
 export async function statusCommand(args: string[]): Promise<number> {
-  const flags = parseFlags("status", FLAGS, args);
-  if (flags.help) {
+  const first = parseFlags("status", FLAGS, args);
+  if (first.help) {
     writeStdout(STATUS_HELP);
     return 0;
   }
+  const { manifest } = await loadConfig(first.config);
+  const flags = parseFlags("status", FLAGS, args, {
+    "postgres-url": manifest?.relay.postgres_url,
+    "relay-group-id": manifest?.relay.relay_group_id,
+  });
   if (flags.output !== "text" && flags.output !== "json") {
     throw new ConfigError(`pg-tide status: --output must be "text" or "json" (got "${flags.output}")`);
   }
@@ -53,7 +63,7 @@ export async function statusCommand(args: string[]): Promise<number> {
 
 function table(rows: PipelineStatus[]): string {
   if (rows.length === 0) return "no pipelines (create one with tide.relay_set_outbox or tide.relay_set_inbox)\n";
-  const header = ["PIPELINE", "DIRECTION", "FROM", "TO", "STATE", "OWNER", "POSITION", "LAG", "DLQ", "LAST ERROR"];
+  const header = ["PIPELINE", "DIRECTION", "FROM", "TO", "STATE", "OWNER", "CONFIG", "POSITION", "LAG", "DLQ", "LAST SUCCESS", "LAST ERROR"];
   return columns(header, rows.map((r) => [
     r.name,
     r.direction,
@@ -61,10 +71,12 @@ function table(rows: PipelineStatus[]): string {
     r.direction === "forward" ? r.plugin_type : r.inbox ?? "",
     !r.enabled ? "disabled" : r.healthy === false ? `failing (attempt ${r.retry_attempt}${r.circuit && r.circuit !== "closed" ? `, circuit ${r.circuit}` : ""})` : r.owner_alive ? "healthy" : "no owner",
     r.owner_alive ? r.owner ?? "" : "",
+    configVersion(r),
     r.committed_offset === null ? "" : String(r.committed_offset),
     lag(r),
     String(r.dlq_depth),
-    (r.last_error ?? "").slice(0, 60),
+    r.last_success_at ? r.last_success_at.toISOString() : "",
+    lastError(r),
   ]));
 }
 
@@ -83,13 +95,22 @@ function quote(name: string): string {
   return `'${name.replaceAll("'", "''")}'`;
 }
 
-function columns(header: string[], body: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i].length)));
-  return [header, ...body].map((row) => row.map((cell, i) => cell.padEnd(widths[i])).join("  ").trimEnd()).join("\n") + "\n";
-}
 
 // Reverse pipelines: what waits in the inbox for the application (the source keeps its own offsets).
 function lag(r: PipelineStatus): string {
   if (r.direction === "reverse") return r.inbox_pending === null ? "" : `${r.inbox_pending} pending`;
   return r.lag === null ? "" : String(r.lag);
+}
+
+// "v3" when the owner runs the catalog's config, "v2 (v3 pending)" while it restarts with the new one.
+function configVersion(r: PipelineStatus): string {
+  if (!r.owner_alive || r.applied_version === null || r.applied_version === r.config_version) return `v${r.config_version}`;
+  return `v${r.applied_version} (v${r.config_version} pending)`;
+}
+
+// An error the pipeline recovered from is history: marked past, with its time.
+function lastError(r: PipelineStatus): string {
+  if (!r.last_error) return "";
+  const at = r.last_error_at ? ` at ${r.last_error_at.toISOString()}` : "";
+  return `${r.error_is_past ? "past: " : ""}${r.last_error.slice(0, 60)}${at}`;
 }

@@ -23,6 +23,7 @@ import { TIMED_OUT, within } from "./backoff.ts";
 import { failpoint } from "./failpoints.ts";
 import { IdleProbe } from "./idle_probe.ts";
 import { redactText } from "./redact.ts";
+import { laneCount, ownershipUnit } from "./lanes.ts";
 
 export interface CoordinatorOptions {
   sql: Sql;
@@ -45,6 +46,8 @@ export interface CoordinatorOptions {
 /** What the coordinator needs of a forward or reverse pipeline worker. */
 export interface PipelineWorker {
   readonly name: string;
+  /** Forward pipelines with lanes: the lane this worker delivers (0 otherwise). */
+  readonly lane?: number;
   readonly outbox: string | null;
   readonly updatedAt: number;
   readonly status: WorkerStatus;
@@ -72,7 +75,21 @@ interface OwnershipSession {
 
 export interface OwnedPipeline {
   name: string;
+  /** The lane of the pipeline this relay owns (0 for a pipeline without lanes), of `lanes`. */
+  lane: number;
+  lanes: number;
   status: WorkerStatus;
+}
+
+/**
+ * A unit of ownership: a pipeline, or one lane of a pipeline with `lanes` > 1. Its key names its
+ * advisory lock (hashtext(key)): the pipeline's name, or `<pipeline>#<lane>`.
+ */
+interface Unit {
+  key: string;
+  row: PipelineRow;
+  lane: number;
+  lanes: number;
 }
 
 export class Coordinator {
@@ -81,6 +98,8 @@ export class Coordinator {
   /** Tells waiting forward pipelines when they have something to read (one query for all of them). */
   readonly #probe: IdleProbe;
   readonly #workers = new Map<string, PipelineWorker>();
+  /** The lane count of each owned unit with lanes (by unit key). */
+  readonly #lanesOf = new Map<string, number>();
   /** Pipelines whose worker failed to start, with the config version that failed. */
   readonly #broken = new Map<string, number>();
   #session: OwnershipSession | undefined;
@@ -104,7 +123,12 @@ export class Coordinator {
   }
 
   owned(): OwnedPipeline[] {
-    return [...this.#workers.values()].map((w) => ({ name: w.name, status: w.status }));
+    return [...this.#workers.entries()].map(([key, w]) => ({
+      name: w.name,
+      lane: w.lane ?? 0,
+      lanes: this.#lanesOf.get(key) ?? 1,
+      status: w.status,
+    }));
   }
 
   /** True from the moment start() begins: a reconcile requested after that sees every change. */
@@ -173,7 +197,10 @@ export class Coordinator {
     this.#probe.stop();
     await within(Promise.all(this.#unlisten.map((unlisten) => unlisten().catch(() => {}))), 1_000);
     // Closing the session releases every lock at once; a dead server cannot hold the stop up.
+    const owned = this.#session !== undefined;
     await this.#closeSession();
+    // The other relays of the group take the units over now rather than at their next reconcile.
+    if (owned) await within(this.#options.sql`SELECT pg_notify('tide_relay_config', '')`.catch(() => {}), 1_000);
   }
 
   async #reconcileOnce(): Promise<void> {
@@ -182,46 +209,73 @@ export class Coordinator {
     const locks = await this.#ownership();
     const rows = await sql<PipelineRow[]>`
       SELECT * FROM tide.relay_pipelines WHERE enabled ORDER BY name`;
-    const wanted = new Map(rows.map((row) => [row.name, row]));
+    const units = rows.flatMap(unitsOf);
+    const wanted = new Map(units.map((unit) => [unit.key, unit]));
     await this.#fenceFrozenOwners(wanted);
 
-    for (const [name, worker] of this.#workers) {
-      const row = wanted.get(name);
-      if (!row || new Date(row.updated_at).getTime() !== worker.updatedAt) {
-        this.#log.info(row ? "pipeline config changed; restarting it" : "pipeline disabled or deleted; stopping it");
-        await this.#release(name);
+    for (const [key, worker] of this.#workers) {
+      const unit = wanted.get(key);
+      if (!unit || new Date(unit.row.updated_at).getTime() !== worker.updatedAt) {
+        this.#log.info(unit ? "pipeline config changed; restarting it" : "pipeline disabled or deleted; stopping it",
+          { pipeline: worker.name, lane: worker.lane ?? 0 });
+        await this.#release(key);
       }
     }
-    for (const row of rows) {
-      if (this.#stopped || this.#workers.has(row.name)) continue;
-      if (this.#workers.size >= this.#options.maxPipelines) break;
-      if (this.#broken.get(row.name) === new Date(row.updated_at).getTime()) continue;
+    // A fair share: at most ceil(units / live relays of this relay group). A relay over it (another
+    // one started) hands one unit over per reconcile, so ownership converges without flapping.
+    const cap = Math.min(this.#options.maxPipelines, await this.#fairShare(locks, units.length));
+    if (this.#workers.size > cap && !this.#stopped) {
+      const key = [...this.#workers.keys()].pop()!;
+      const worker = this.#workers.get(key)!;
+      this.#log.info("owning more than a fair share; handing one over to another relay",
+        { pipeline: worker.name, lane: worker.lane ?? 0, owned: this.#workers.size, share: cap });
+      await this.#release(key);
+      await sql`SELECT pg_notify('tide_relay_config', '')`; // the others reconcile now, not at their next tick
+      return;
+    }
+    for (const unit of units) {
+      if (this.#stopped || this.#workers.has(unit.key)) continue;
+      if (this.#workers.size >= cap) break;
+      if (this.#broken.get(unit.key) === new Date(unit.row.updated_at).getTime()) continue;
       const [{ locked }] = await locks<{ locked: boolean }[]>`
-        SELECT pg_try_advisory_lock(hashtext(${relayGroupId}), hashtext(${row.name})) AS locked`;
+        SELECT pg_try_advisory_lock(hashtext(${relayGroupId}), hashtext(${unit.key})) AS locked`;
       if (!locked) continue;
       await failpoint("coordinator.holding-locks");
-      await this.#startWorker(row, locks);
+      await this.#startWorker(unit, locks);
     }
   }
 
-  async #startWorker(row: PipelineRow, locks: Sql): Promise<void> {
-    const hooks = { doubtOwnership: () => this.doubtOwnership(), stillOwner: () => this.stillOwns(row.name), probe: this.#probe };
+  /**
+   * How many units this relay may own: ceil(units / relays), the relays being the ownership sessions
+   * of this relay group on this database (application_name `pg-tide ownership <group>`), this one
+   * included.
+   */
+  async #fairShare(locks: Sql, units: number): Promise<number> {
+    const [{ relays }] = await locks<{ relays: number }[]>`
+      SELECT count(*)::int AS relays FROM pg_stat_activity
+       WHERE datname = current_database() AND application_name = left(${ownershipApplicationName(this.#options.relayGroupId)}, 63)`;
+    return Math.max(1, Math.ceil(units / Math.max(1, relays)));
+  }
+
+  async #startWorker(unit: Unit, locks: Sql): Promise<void> {
+    const { row, key, lane } = unit;
+    const hooks = { doubtOwnership: () => this.doubtOwnership(), stillOwner: () => this.stillOwns(key), probe: this.#probe };
     const worker: PipelineWorker = row.direction === "forward"
-      ? new ForwardWorker(row, { ...this.#options, ...hooks })
+      ? new ForwardWorker(row, { ...this.#options, ...hooks, lane })
       : new ReverseWorker(row, { ...this.#options, ...hooks });
     try {
       await worker.start();
     } catch (error) {
       // A pipeline with a bad config never stops the others; it is retried once its config changes.
       const err = toError(error);
-      this.#broken.set(row.name, new Date(row.updated_at).getTime());
-      this.#log.error("pipeline cannot start", { pipeline: row.name, error: err });
+      this.#broken.set(key, new Date(row.updated_at).getTime());
+      this.#log.error("pipeline cannot start", { pipeline: row.name, lane, error: err });
       await this.#options.sql`
-        INSERT INTO tide.relay_pipeline_state (pipeline, relay_group_id, owner_id, healthy, last_error, last_error_at)
-        VALUES (${row.name}, ${this.#options.relayGroupId}, NULL, false, ${redactText(err.message)}, now())
-        ON CONFLICT (pipeline, relay_group_id) DO UPDATE
+        INSERT INTO tide.relay_pipeline_state (pipeline, relay_group_id, lane, owner_id, healthy, last_error, last_error_at)
+        VALUES (${row.name}, ${this.#options.relayGroupId}, ${lane}, NULL, false, ${redactText(err.message)}, now())
+        ON CONFLICT (pipeline, relay_group_id, lane) DO UPDATE
            SET owner_id = NULL, healthy = false, last_error = excluded.last_error, last_error_at = now()`;
-      await locks`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${row.name}))`;
+      await locks`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${key}))`;
       return;
     }
     if (this.#session?.sql !== locks) {
@@ -230,45 +284,51 @@ export class Coordinator {
       await worker.stop(0);
       return;
     }
-    this.#broken.delete(row.name);
-    this.#workers.set(row.name, worker);
+    this.#broken.delete(key);
+    this.#workers.set(key, worker);
+    if (unit.lanes > 1) this.#lanesOf.set(key, unit.lanes);
     this.#log.info("pipeline started", {
       pipeline: row.name,
+      ...(unit.lanes > 1 ? { lane, lanes: unit.lanes } : {}),
       direction: row.direction,
       [row.direction === "forward" ? "sink" : "source"]: row.plugin_type,
       [row.direction === "forward" ? "outbox" : "inbox"]: row.outbox_name ?? row.inbox_name,
     });
     await this.#options.sql`
-      INSERT INTO tide.relay_pipeline_state (pipeline, relay_group_id, owner_id, acquired_at, heartbeat_at, healthy)
-      VALUES (${row.name}, ${this.#options.relayGroupId}, ${this.#options.relayId}, now(), now(), true)
-      ON CONFLICT (pipeline, relay_group_id) DO UPDATE
+      INSERT INTO tide.relay_pipeline_state (pipeline, relay_group_id, lane, owner_id, acquired_at, heartbeat_at, healthy, config_version)
+      VALUES (${row.name}, ${this.#options.relayGroupId}, ${lane}, ${this.#options.relayId}, now(), now(), true, ${row.config_version})
+      ON CONFLICT (pipeline, relay_group_id, lane) DO UPDATE
          SET owner_id = excluded.owner_id, acquired_at = now(), heartbeat_at = now(), healthy = true,
-             retry_attempt = 0`;
+             retry_attempt = 0, config_version = excluded.config_version`;
   }
 
-  async #release(name: string, { unlock = true } = {}): Promise<void> {
-    const worker = this.#workers.get(name);
-    this.#workers.delete(name);
-    this.#draining.add(name);
+  /** Stops the worker of unit `key` (draining its batch), then gives its lock up. */
+  async #release(key: string, { unlock = true } = {}): Promise<void> {
+    const worker = this.#workers.get(key);
+    const [name, lane] = [worker?.name ?? key, worker?.lane ?? 0];
+    this.#workers.delete(key);
+    this.#lanesOf.delete(key);
+    this.#draining.add(key);
     try {
       await worker?.stop(this.#options.drainTimeoutMs);
     } finally {
-      this.#draining.delete(name);
+      this.#draining.delete(key);
     }
     try {
       const session = this.#session;
       if (unlock && session) {
-        const unlocked = session.sql`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${name}))`;
+        const unlocked = session.sql`SELECT pg_advisory_unlock(hashtext(${this.#options.relayGroupId}), hashtext(${key}))`;
         if ((await within(unlocked, LOCK_CHECK_TIMEOUT_MS)) === TIMED_OUT) throw new Error("the ownership connection did not answer");
       }
       await this.#options.sql`
         UPDATE tide.relay_pipeline_state SET owner_id = NULL
-         WHERE pipeline = ${name} AND relay_group_id = ${this.#options.relayGroupId} AND owner_id = ${this.#options.relayId}`;
+         WHERE pipeline = ${name} AND lane = ${lane} AND relay_group_id = ${this.#options.relayGroupId}
+           AND owner_id = ${this.#options.relayId}`;
     } catch (error) {
       // A closed connection took its session, and so the lock, with it: nothing is left to release.
       const closed = /CONNECTION_(CLOSED|ENDED|DESTROYED)/.test(String((error as { code?: string }).code));
       const log = closed ? this.#log.debug.bind(this.#log) : this.#log.warn.bind(this.#log);
-      log("releasing pipeline ownership failed", { pipeline: name, error: toError(error) });
+      log("releasing pipeline ownership failed", { pipeline: name, lane, error: toError(error) });
     }
   }
 
@@ -280,7 +340,7 @@ export class Coordinator {
     const sql = connect(this.#options.postgresUrl, {
       max: 1,
       keepAlive: true,
-      applicationName: `pg-tide ownership ${this.#options.relayGroupId}`,
+      applicationName: ownershipApplicationName(this.#options.relayGroupId),
     });
     try {
       const [{ pid }] = await sql<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
@@ -339,7 +399,7 @@ export class Coordinator {
     if (workers.length > 0) {
       this.#log.error("lost pipeline ownership; stopping every pipeline at once without acknowledging", {
         reason: redactText(problem),
-        pipelines: workers.map((w) => w.name),
+        pipelines: [...new Set(workers.map((w) => w.name))],
       });
     } else {
       this.#log.warn("the ownership session was lost; opening a new one", { reason: redactText(problem) });
@@ -375,27 +435,30 @@ export class Coordinator {
    * frozen (or cut off). Ending its lock session releases the pipeline for the next reconcile; its
    * late acknowledgements are refused by consumer_commit.
    */
-  async #fenceFrozenOwners(wanted: Map<string, unknown>): Promise<void> {
+  async #fenceFrozenOwners(wanted: Map<string, Unit>): Promise<void> {
+    // Not limited to the fair share: the frozen relay's session counts as a live relay until it ends.
     if (this.#workers.size >= this.#options.maxPipelines) return;
     const { sql, relayGroupId, relayId, ownershipLeaseMs } = this.#options;
-    const stale = await sql<{ pipeline: string }[]>`
-      SELECT pipeline FROM tide.relay_pipeline_state
+    const stale = await sql<{ pipeline: string; lane: number }[]>`
+      SELECT pipeline, lane FROM tide.relay_pipeline_state
        WHERE relay_group_id = ${relayGroupId} AND owner_id IS NOT NULL AND owner_id <> ${relayId}
          AND coalesce(heartbeat_at, acquired_at) < now() - make_interval(secs => ${ownershipLeaseMs / 1000})`;
-    for (const { pipeline } of stale) {
-      if (!wanted.has(pipeline) || this.#workers.has(pipeline)) continue;
+    for (const { pipeline, lane } of stale) {
+      const key = wanted.has(pipeline) ? pipeline : `${pipeline}#${lane}`;
+      if (!wanted.has(key) || this.#workers.has(key)) continue;
       try {
         const [{ pid }] = await sql<{ pid: number | null }[]>`
-          SELECT tide.relay_fence_stale_owner(${pipeline}, ${relayGroupId}, ${ownershipLeaseMs}) AS pid`;
+          SELECT tide.relay_fence_stale_owner(${pipeline}, ${lane}::integer, ${relayGroupId}, ${ownershipLeaseMs}::integer) AS pid`;
         if (pid !== null) {
           this.#log.warn("ended the lock session of an owner whose heartbeat is older than the lease", {
             pipeline,
+            lane,
             backend_pid: pid,
             lease_ms: ownershipLeaseMs,
           });
         }
       } catch (error) {
-        this.#log.warn("cannot end a frozen owner's lock session", { pipeline, error: toError(error) });
+        this.#log.warn("cannot end a frozen owner's lock session", { pipeline, lane, error: toError(error) });
       }
     }
   }
@@ -405,29 +468,44 @@ export class Coordinator {
     if (owned.length === 0) return;
     const rows = owned.map((w) => ({
       pipeline: w.name,
+      lane: w.lane ?? 0,
       healthy: w.status.healthy,
       // The catalog is read by tide_reader dashboards: no secret goes into it.
       last_error: w.status.lastError === null ? null : redactText(w.status.lastError),
       last_error_at: w.status.lastErrorAt?.toISOString() ?? null,
+      last_success_at: w.status.lastSuccessAt?.toISOString() ?? null,
       retry_attempt: w.status.attempt,
       circuit: w.status.circuit,
     }));
     await this.#options.sql`
       UPDATE tide.relay_pipeline_state s
          SET heartbeat_at = now(), healthy = r.healthy, last_error = r.last_error,
-             last_error_at = r.last_error_at::timestamptz, retry_attempt = r.retry_attempt, circuit = r.circuit
+             last_error_at = r.last_error_at::timestamptz, retry_attempt = r.retry_attempt, circuit = r.circuit,
+             last_success_at = coalesce(r.last_success_at::timestamptz, s.last_success_at)
         FROM jsonb_to_recordset(${this.#options.sql.json(rows)}::jsonb)
-             AS r(pipeline text, healthy boolean, last_error text, last_error_at text, retry_attempt int, circuit text)
-       WHERE s.pipeline = r.pipeline AND s.relay_group_id = ${this.#options.relayGroupId}
+             AS r(pipeline text, lane int, healthy boolean, last_error text, last_error_at text, retry_attempt int, circuit text,
+                  last_success_at text)
+       WHERE s.pipeline = r.pipeline AND s.lane = r.lane AND s.relay_group_id = ${this.#options.relayGroupId}
          AND s.owner_id = ${this.#options.relayId}`;
   }
 
   #onConfigNotice(pipeline: string): void {
-    this.#workers.get(pipeline)?.requeue();
+    for (const worker of this.#workers.values()) if (worker.name === pipeline) worker.requeue();
     void this.reconcile();
   }
 
   #wakeOutbox(outbox: string): void {
     for (const worker of this.#workers.values()) if (worker.outbox === outbox) worker.wake();
   }
+}
+
+/** The units of ownership of a pipeline: itself, or each of its lanes (config `lanes`, forward pipelines). */
+function unitsOf(row: PipelineRow): Unit[] {
+  const lanes = row.direction === "forward" ? laneCount(row.config) : 1;
+  return Array.from({ length: lanes }, (_, lane) => ({ key: ownershipUnit(row.name, lane, lanes), row, lane, lanes }));
+}
+
+/** The application_name of a relay's lock session: how relays of a relay group count each other. */
+function ownershipApplicationName(relayGroupId: string): string {
+  return `pg-tide ownership ${relayGroupId}`;
 }

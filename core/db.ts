@@ -2,7 +2,7 @@
 // kept out of the output, and connection errors that name the server without its password.
 
 import postgres from "postgres";
-import { ConnectionError, toError } from "./errors.ts";
+import { ConfigError, ConnectionError, toError } from "./errors.ts";
 import { redactText } from "./redact.ts";
 
 /** A client whose int8 values are BigInt (ids stay exact). */
@@ -23,6 +23,7 @@ export interface ConnectOptions {
 }
 
 export function connect(url: string, options: ConnectOptions = {}): Sql {
+  checkPostgresUrl(url);
   const connection: Record<string, string> = { application_name: options.applicationName ?? "pg-tide" };
   if (options.idleInTransactionTimeoutMs) {
     connection.idle_in_transaction_session_timeout = String(options.idleInTransactionTimeoutMs);
@@ -34,6 +35,18 @@ export function connect(url: string, options: ConnectOptions = {}): Sql {
     connection,
     ...(options.keepAlive ? { max_lifetime: null } : {}),
   });
+}
+
+/**
+ * postgres.js reads anything as a URL: `localhost:5432/app` becomes a login as role "unknown". A
+ * database URL must say what it is.
+ */
+export function checkPostgresUrl(url: string): void {
+  if (/^postgres(ql)?:\/\//i.test(url)) return;
+  throw new ConfigError(
+    `the PostgreSQL URL must start with postgres:// or postgresql://, like postgres://USER@HOST:5432/DATABASE ` +
+      `(got ${JSON.stringify(redactText(url))})`,
+  );
 }
 
 /** Fails fast with a readable error when the server cannot be reached. */

@@ -20,7 +20,8 @@ export interface EmbeddedServer {
   stop(): Promise<void>;
 }
 
-export async function startEmbeddedPostgres(port?: number): Promise<EmbeddedServer> {
+/** `serverFlags` are extra server settings, e.g. ["-c", "wal_level=logical"] (shell-quoted by the caller when needed). */
+export async function startEmbeddedPostgres(port?: number, serverFlags: string[] = []): Promise<EmbeddedServer> {
   const { EmbeddedPostgres, binaries } = await loadEmbeddedPostgres();
   const dir = await mkdtemp(join(tmpdir(), "tide-pg-"));
   await chmod(dir, 0o755); // the server may run as another user (see createPostgresUser)
@@ -43,7 +44,7 @@ export async function startEmbeddedPostgres(port?: number): Promise<EmbeddedServ
     await cluster.initialise();
     const owner = asRoot ? await userIds("postgres") : {};
     pgCtl = (...args: string[]) => run(binaries.pg_ctl, ["-D", dataDir, "-w", ...args], owner);
-    await pgCtl("-l", log, "-o", `-p ${listenPort} -c listen_addresses=127.0.0.1`, "start");
+    await pgCtl("-l", log, "-o", [`-p ${listenPort} -c listen_addresses=127.0.0.1`, ...serverFlags].join(" "), "start");
   } catch (error) {
     const output = `${(error as Error).message}\n${await readFile(log, "utf8").catch(() => "")}`;
     await rm(dir, { recursive: true, force: true });

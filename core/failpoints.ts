@@ -21,6 +21,10 @@ export const FAILPOINTS = [
   "reverse.after-inbox-commit",
   // Reached by the kafka sink in transactional mode: the batch's records are sent, the transaction is not committed.
   "kafka.before-commit",
+  // WAL capture (core/wal_capture.ts): a source transaction read from the slot and written, its outbox
+  // transaction not committed; committed, the slot's position not confirmed.
+  "wal.before-outbox-commit",
+  "wal.after-outbox-commit",
 ] as const;
 
 export type FailpointName = (typeof FAILPOINTS)[number];

@@ -31,6 +31,7 @@ import { redactText } from "./redact.ts";
 import { pluginContext, type PluginRegistry } from "./plugins.ts";
 import { parseJson } from "./json.ts";
 import { outboxMessage } from "./message.ts";
+import { DEFAULT_LANE_KEY, laneCount, laneGroup, laneKeyText, laneOf, ownershipUnit, type LaneKey } from "./lanes.ts";
 
 export interface PipelineRow {
   name: string;
@@ -43,6 +44,8 @@ export interface PipelineRow {
   batch_size: number;
   enabled: boolean;
   idempotent: boolean;
+  /** Bumped by every catalog change to the row; the owner records the version it runs. */
+  config_version: bigint;
   updated_at: Date;
 }
 
@@ -60,6 +63,8 @@ export interface ForwardOptions {
   doubtOwnership?: () => void;
   /** Checks for waiting pipelines whether they have something to read; without it, a waiting worker polls. */
   probe?: IdleProbe;
+  /** The lane this worker delivers (0..lanes-1; config `lanes`): it reads the lane's consumer group. */
+  lane?: number;
 }
 
 /** Retrying a failed read or acknowledgement: the database is back within a second of its return. */
@@ -119,11 +124,27 @@ export class ForwardWorker {
   #limit: number;
   /** The most #limit grows to: max_batch_size, or batch_size when the sink does not grow batches. */
   #maxLimit: number;
+  /** This worker's lane, of #lanes; it delivers only the messages whose key hashes to it. */
+  readonly lane: number;
+  readonly lanes: number;
+  /** The pipeline's own consumer group (lane 0's), from whose position the other lanes start. */
+  readonly #baseGroup: string;
+  #laneKey: LaneKey = { root: "headers", path: ["key"], text: DEFAULT_LANE_KEY };
+  /** isolate_poison: a failing message and its key's later messages are parked (tide.relay_held). */
+  #isolate = false;
+  /** Keys with parked messages (loaded at takeover): a message of one is parked behind them. */
+  #heldKeys: Set<string> | undefined;
+  /** When the oldest parked message of some key is due for its next attempt (Date.now()). */
+  #heldDueAt = Infinity;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
-    this.#row = row;
+    this.lanes = laneCount(row.config);
+    this.lane = options.lane ?? 0;
+    this.#baseGroup = row.consumer_group!;
+    // A lane reads its own group: every read, acknowledgement and probe below goes to it.
+    this.#row = this.lanes > 1 ? { ...row, consumer_group: laneGroup(row.consumer_group!, this.lane, this.lanes) } : row;
     this.#options = options;
-    this.#log = options.logger.child({ pipeline: row.name });
+    this.#log = options.logger.child(this.lanes > 1 ? { pipeline: row.name, lane: this.lane } : { pipeline: row.name });
     this.status = new WorkerStatus(row.name, "forward", this.#log, options.events);
     const retry = row.config.retry ?? {};
     this.#retry = {
@@ -143,6 +164,11 @@ export class ForwardWorker {
     return this.#row.outbox_name!;
   }
 
+  /** The unit of ownership this worker is: the pipeline, or one lane of it (`<pipeline>#<lane>`). */
+  get unit(): string {
+    return ownershipUnit(this.#row.name, this.lane, this.lanes);
+  }
+
   get updatedAt(): number {
     return new Date(this.#row.updated_at).getTime();
   }
@@ -152,6 +178,8 @@ export class ForwardWorker {
     const prepared = await preparePipeline(this.#row, this.#options.registry);
     this.#filter = prepared.filter;
     this.#format = prepared.format;
+    if (prepared.lanes) this.#laneKey = prepared.lanes.key;
+    this.#isolate = prepared.isolatePoison === true;
     const ctx = {
       ...pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl),
       relayGroupId: this.#options.relayGroupId,
@@ -225,11 +253,15 @@ export class ForwardWorker {
         const { relayGroupId } = this.#options;
         const { outbox_name: outbox, consumer_group: group } = this.#row;
         if (this.#ownerEpoch === undefined) {
-          // Taking the pipeline over: from now on a former owner's acknowledgements are refused.
+          // The lanes' groups start together from lane 0's position (refused when the pipeline ran
+          // with another number of lanes), then taking the lane over: from now on a former owner's
+          // acknowledgements are refused.
+          await this.#ensureLanes();
           const [{ epoch }] = await this.#options.sql<{ epoch: bigint }[]>`
             SELECT tide.consumer_claim(${outbox}, ${group}, ${relayGroupId}) AS epoch`;
           this.#ownerEpoch = epoch;
         }
+        if (this.#isolate && (this.#heldKeys === undefined || Date.now() >= this.#heldDueAt)) await this.#retryHeld();
         const readBefore = await ahead;
         ahead = undefined;
         const batch = readBefore !== undefined ? readBefore : this.#batchOf(await this.#options.sql<FencedRow[]>`
@@ -254,6 +286,11 @@ export class ForwardWorker {
         if (await this.#deliver(batch.messages, next === undefined)) ahead = next ?? Promise.resolve(this.#readWithAck);
       } catch (error) {
         if (stop.aborted) break;
+        if (error instanceof LanesRefused) {
+          this.status.fail(error, "the pipeline cannot start its lanes");
+          await sleep(this.status.retryDelay(this.#retry), stop);
+          continue;
+        }
         // The database, not the sink: retry fast, so delivery resumes right after it is back. A
         // restarted server also ended the lock session: have ownership checked now.
         this.status.fail(error, "reading or acknowledging the outbox failed");
@@ -320,7 +357,9 @@ export class ForwardWorker {
       wake: () => this.#wakeup.set(),
     });
     try {
-      await this.#wakeup.wait(probe ? Math.max(pollMs, PROBED_WAIT_MS) : pollMs, this.#stopping.signal);
+      // Parked messages due for a retry end the wait too.
+      const heldMs = Math.max(0, this.#heldDueAt - Date.now());
+      await this.#wakeup.wait(Math.min(probe ? Math.max(pollMs, PROBED_WAIT_MS) : pollMs, heldMs), this.#stopping.signal);
     } finally {
       unwatch?.();
       this.status.waiting = false;
@@ -348,10 +387,24 @@ export class ForwardWorker {
   async #deliver(batch: OutboxMessage[], readNext = false): Promise<boolean> {
     const startedAt = Date.now();
     const stop = this.#stopping.signal;
-    const { matching, undecided } = this.#filter ? this.#matches(batch) : { matching: batch, undecided: [] };
-    const passing = this.#format ? matching.map(this.#format) : matching;
+    // Other lanes' messages are skipped like filtered ones: the position moves past them.
+    const mine = this.lanes > 1 ? batch.filter((m) => laneOf(m, this.#laneKey, this.lanes) === this.lane) : batch;
+    const { matching, undecided } = this.#filter ? this.#matches(mine) : { matching: mine, undecided: [] };
+    const formatted = this.#format ? matching.map(this.#format) : matching;
     const attempts = new Map<bigint, number>();
     const dead: DeadLetter[] = [...undecided];
+    // isolate_poison: messages of keys with parked messages are parked behind them, unsent.
+    const keys = this.#isolate ? new Map(matching.map((m) => [m.id, laneKeyText(m, this.#laneKey) ?? ""])) : undefined;
+    const parked: Parked[] = [];
+    let passing = formatted;
+    if (keys && this.#heldKeys?.size) {
+      passing = [];
+      for (const message of formatted) {
+        const key = keys.get(message.id)!;
+        if (this.#heldKeys.has(key)) parked.push({ message, key, error: null, attempts: 0 });
+        else passing.push(message);
+      }
+    }
     let pending = passing;
     while (pending.length > 0) {
       let failures;
@@ -387,8 +440,18 @@ export class ForwardWorker {
         const budgetSpent = this.#retry.maxAttempts > 0 && count >= this.#retry.maxAttempts;
         if (!failure.retriable || budgetSpent) {
           dead.push({ message, error: failure.error.message, attempts: count });
+        } else if (keys) {
+          // A message of its own that keeps failing: parked, with its key's later messages below.
+          parked.push({ message, key: keys.get(message.id)!, error: failure.error.message, attempts: count });
         } else {
           retry.push(message);
+        }
+      }
+      if (keys && parked.length > 0) {
+        const parkedKeys = new Set(parked.map((p) => p.key));
+        for (const message of retry.splice(0)) {
+          if (parkedKeys.has(keys.get(message.id)!)) parked.push({ message, key: keys.get(message.id)!, error: null, attempts: 0 });
+          else retry.push(message);
         }
       }
       if (dead.length > 0 && this.#pauseOnFailure) {
@@ -412,11 +475,11 @@ export class ForwardWorker {
         if (stop.aborted) return false;
       }
     }
-    if (!(await this.#acknowledge(batch, dead, readNext))) return false;
+    if (!(await this.#acknowledge(batch, dead, readNext, parked))) return false;
     // Dead letters the filter could not decide on were never passing: they are not "filtered" either.
-    const filtered = batch.length - passing.length - undecided.length;
-    const deadIds = new Set(dead.map((d) => d.message.id));
-    const delivered = deadIds.size ? passing.filter((m) => !deadIds.has(m.id)) : passing;
+    const filtered = mine.length - formatted.length - undecided.length;
+    const notDelivered = new Set([...dead.map((d) => d.message.id), ...parked.map((p) => p.message.id)]);
+    const delivered = notDelivered.size ? passing.filter((m) => !notDelivered.has(m.id)) : passing;
     this.status.delivered += delivered.length;
     this.status.filtered += filtered;
     this.status.succeed();
@@ -448,7 +511,7 @@ export class ForwardWorker {
    * was fenced or aborted, or the commit is refused as stale. True when the position moved. With
    * `readNext` and no dead letters, the same round trip reads the next batch into #readWithAck.
    */
-  async #acknowledge(batch: OutboxMessage[], dead: DeadLetter[], readNext = false): Promise<boolean> {
+  async #acknowledge(batch: OutboxMessage[], dead: DeadLetter[], readNext = false, parked: Parked[] = []): Promise<boolean> {
     if (this.#fenced || this.#abort.signal.aborted) return false;
     const last = batch[batch.length - 1].id;
     const fence = this.#fence!;
@@ -462,7 +525,7 @@ export class ForwardWorker {
                                   ${fence.readCursor}, ${fence.ownerEpoch}, p_durable := false) AS moved`;
     // Without dead letters the commit is one statement, one round trip (reading the next batch too
     // when asked); with them, one transaction.
-    const moved = dead.length > 0 ? await this.#commitWithDeadLetters(commit, dead)
+    const moved = dead.length > 0 || parked.length > 0 ? await this.#commitWithDeadLetters(commit, dead, parked)
       : readNext ? await this.#commitAndRead(last, batch.length, fence)
       : (await commit(this.#options.sql))[0].moved;
     if (!moved) {
@@ -475,6 +538,16 @@ export class ForwardWorker {
       return false;
     }
     await failpoint("forward.after-commit");
+    if (parked.length > 0) {
+      for (const { key } of parked) this.#heldKeys?.add(key);
+      this.#heldDueAt = Math.min(this.#heldDueAt, Date.now() + backoffDelay(1, this.#retry));
+      const keys = [...new Set(parked.filter((p) => p.error !== null).map((p) => p.key))];
+      if (keys.length > 0) {
+        this.#log.warn("messages that keep failing are parked with their key's later ones; other keys flow on", {
+          keys: keys.length, parked: parked.length, first_error: parked.find((p) => p.error !== null)?.error,
+        });
+      }
+    }
     if (dead.length > 0) {
       this.status.deadLettered += dead.length;
       this.#options.events?.deadLettered?.(this.#row.name, dead.length);
@@ -484,7 +557,7 @@ export class ForwardWorker {
   }
 
   /** The commit and the dead letters in one transaction: both are recorded, or neither. */
-  #commitWithDeadLetters(commit: (sql: Sql) => Promise<{ moved: boolean }[]>, dead: DeadLetter[]): Promise<boolean> {
+  #commitWithDeadLetters(commit: (sql: Sql) => Promise<{ moved: boolean }[]>, dead: DeadLetter[], parked: Parked[] = []): Promise<boolean> {
     return this.#options.sql.begin(async (tx) => {
       const [{ moved }] = await commit(tx as unknown as Sql);
       if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
@@ -492,6 +565,10 @@ export class ForwardWorker {
       for (const entry of dead) {
         // A target that echoes the request (headers included) would put credentials in the error.
         await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${redactText(entry.error)}, ${entry.attempts})`;
+      }
+      for (const entry of parked) {
+        await tx`SELECT tide.relay_hold(${this.#row.name}, ${this.#options.relayGroupId}, ${this.lane}, ${entry.key}, ${entry.message.id},
+                                        ${entry.error === null ? null : redactText(entry.error)}, ${entry.attempts})`;
       }
       return true;
     }).catch((error) => {
@@ -513,8 +590,75 @@ export class ForwardWorker {
     return true;
   }
 
+  /**
+   * Creates the lanes' consumer groups (all at once, at lane 0's position) when they do not exist yet.
+   * A pipeline that ran with another number of lanes is refused with the reason (its last_error).
+   */
+  async #ensureLanes(): Promise<void> {
+    try {
+      await this.#options.sql`
+        SELECT tide.consumer_lanes_ensure(${this.#row.outbox_name}, ${this.#baseGroup}, ${this.lanes}, ${this.#options.relayGroupId})`;
+    } catch (error) {
+      const { code, message, hint } = error as { code?: string; message: string; hint?: string };
+      if (code !== "55000") throw error;
+      throw new LanesRefused(`pipeline "${this.#row.name}": ${message}${hint ? `; ${hint}` : ""}`);
+    }
+  }
+
+  /**
+   * isolate_poison: retries the oldest parked message of every key that is due, one key at a time
+   * in message order; a key whose message went through (or was dead-lettered after
+   * retry.max_attempts) goes on with its next one at once, and is released once none is left. Then
+   * reloads which keys are parked and when the next retry is due.
+   */
+  async #retryHeld(): Promise<void> {
+    const { sql, relayGroupId } = this.#options;
+    const where = { pipeline: this.#row.name, group: relayGroupId, lane: this.lane };
+    for (let progress = true; progress && !this.#fenced && !this.#stopping.signal.aborted;) {
+      progress = false;
+      const due = await sql<(MessageRow & { key: string; attempts: number })[]>`
+        SELECT * FROM (
+          SELECT DISTINCT ON (key) key, message_id AS id, outbox_name AS outbox, topic, payload::text AS payload,
+                 headers::text AS headers, coalesce(message_created_at, held_at) AS created_at, attempts, next_attempt_at
+            FROM tide.relay_held
+           WHERE pipeline = ${where.pipeline} AND relay_group_id = ${where.group} AND lane = ${where.lane}
+           ORDER BY key, message_id) oldest
+         WHERE next_attempt_at <= now()`;
+      for (const row of due) {
+        if (this.#fenced || this.#abort.signal.aborted) return;
+        const message = toMessage(row);
+        let failure;
+        try {
+          [failure] = await this.#sink!.publish([this.#format ? this.#format(message) : message]);
+        } catch (error) {
+          this.status.fail(error, "retrying a parked message failed; the target looks down");
+          break; // an outage spends no attempt: tried again when due
+        }
+        if (this.#fenced || this.#abort.signal.aborted) return;
+        const attempts = row.attempts + 1;
+        const dead = failure !== undefined && (!failure.retriable || (this.#retry.maxAttempts > 0 && attempts >= this.#retry.maxAttempts));
+        const retryAt = new Date(Date.now() + backoffDelay(attempts, this.#retry));
+        await sql`SELECT tide.relay_held_settle(${where.pipeline}, ${where.group}, ${where.lane}, ${row.id},
+                                                ${failure ? redactText(failure.error.message) : null}, ${retryAt}, ${dead})`;
+        if (!failure) this.status.delivered += 1;
+        if (dead) {
+          this.status.deadLettered += 1;
+          this.#options.events?.deadLettered?.(this.#row.name, 1);
+          this.#log.warn("a parked message moved to the dead-letter queue; its key goes on", { id: String(row.id), attempts });
+        }
+        progress ||= !failure || dead;
+      }
+    }
+    const [state] = await sql<{ keys: string[]; due: Date | null }[]>`
+      SELECT coalesce(array_agg(DISTINCT key), '{}') AS keys, min(next_attempt_at) AS due FROM tide.relay_held
+       WHERE pipeline = ${where.pipeline} AND relay_group_id = ${where.group} AND lane = ${where.lane}`;
+    this.#heldKeys = new Set(state.keys);
+    this.#heldDueAt = state.due === null ? Infinity : new Date(state.due).getTime();
+  }
+
   /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more. */
   async #redeliverRequeued(): Promise<void> {
+    if (this.lane !== 0) return; // lane 0 redelivers a pipeline's requeued dead letters
     const rows = await this.#options.sql<(MessageRow & { dlq_id: bigint })[]>`
       SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload::text AS payload, headers::text AS headers,
              coalesce(message_created_at, failed_at) AS created_at
@@ -554,6 +698,14 @@ export class ForwardWorker {
 
 }
 
+/** A message parked with its key (isolate_poison): the failing one with its error, later ones with none. */
+interface Parked {
+  message: OutboxMessage;
+  key: string;
+  error: string | null;
+  attempts: number;
+}
+
 /** A message on its way to the dead-letter queue, with why and after how many attempts. */
 interface DeadLetter {
   message: OutboxMessage;
@@ -588,6 +740,9 @@ export function toMessage(row: MessageRow): OutboxMessage {
     createdAt: row.created_at,
   });
 }
+
+/** The pipeline's lane groups were made for another number of lanes: tide.consumer_lanes_ensure refused. */
+class LanesRefused extends Error {}
 
 /** Thrown inside the commit transaction to roll it back when the worker was fenced meanwhile. */
 class Fenced extends Error {}

@@ -1,15 +1,17 @@
-// The relay's HTTP surface (Hono): /metrics, /livez, /readyz and /health, /api/v1/pipelines, a
-// small status page at /, and the ingest routes of webhook sources, behind the optional HTTP token
+// The relay's HTTP surface (Hono): /metrics, /livez, /readyz and /health, /api/v1/pipelines, the
+// operations console at / (with /dlq, /trace and their actions, core/http_console.ts), and the ingest routes of webhook sources, behind the optional HTTP token
 // (core/http_auth.ts). Built as a plain Hono app so tests call app.request() without a port.
 
 import { Hono } from "hono";
 import type { Sql } from "./db.ts";
 import { toError } from "./errors.ts";
 import { type HttpAuth, requireToken } from "./http_auth.ts";
+import { addConsoleRoutes } from "./http_console.ts";
+import type { Logger } from "./log.ts";
 import type { InboxCounts, RelayMetrics } from "./metrics.ts";
 import { INGEST_PREFIX, type RouteTable } from "./routes.ts";
 import { redactText } from "./redact.ts";
-import { pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "./status.ts";
+import { errorIsPast, pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "./status.ts";
 import { renderStatusPage } from "./status_page.ts";
 
 export interface HttpDeps {
@@ -20,11 +22,25 @@ export interface HttpDeps {
   /** True while the coordinator runs (false before start and while stopping). */
   coordinatorRunning(): boolean;
   /** In-memory state of the pipelines this relay owns. */
-  owned(): { name: string; status: { healthy: boolean; attempt: number; lastError: string | null; circuit: string } }[];
+  owned(): {
+    name: string;
+    /** The lane owned, for a pipeline with lanes (0 otherwise). */
+    lane?: number;
+    status: {
+      healthy: boolean;
+      attempt: number;
+      lastError: string | null;
+      lastErrorAt?: Date | null;
+      lastSuccessAt?: Date | null;
+      circuit: string;
+    };
+  }[];
   /** Plugin routes under /ingest/ (webhook sources owned by this relay). */
   routes?: RouteTable;
   /** The token requests must present (--http-token); unset: every route is open. */
   auth?: HttpAuth;
+  /** Where console actions are recorded. */
+  logger?: Logger;
 }
 
 export interface ApiPipeline extends PipelineStatus {
@@ -69,6 +85,8 @@ export function createHttpApp(deps: HttpDeps): Hono {
     }
   });
 
+  addConsoleRoutes(app, deps);
+
   app.get("/", async (c) => {
     let pipelines: ApiPipeline[] = [];
     let inboxes: InboxCounts[] = [];
@@ -79,7 +97,16 @@ export function createHttpApp(deps: HttpDeps): Hono {
     } catch (caught) {
       error = redactText(toError(caught).message);
     }
-    return c.html(renderStatusPage({ relayId: deps.relayId, relayGroupId: deps.relayGroupId, pipelines, inboxes, unreadGroups, error }));
+    return c.html(renderStatusPage({
+      relayId: deps.relayId,
+      relayGroupId: deps.relayGroupId,
+      pipelines,
+      inboxes,
+      unreadGroups,
+      error,
+      actionsEnabled: deps.auth !== undefined,
+      notice: c.req.query("notice"),
+    }));
   });
 
   return app;
@@ -87,16 +114,20 @@ export function createHttpApp(deps: HttpDeps): Hono {
 
 async function apiPipelines(deps: HttpDeps): Promise<ApiPipeline[]> {
   const rows = await pipelineStatus(deps.sql, deps.relayGroupId);
-  const owned = new Map(deps.owned().map((p) => [p.name, p.status]));
+  const owned = new Map(deps.owned().map((p) => [`${p.name}#${p.lane ?? 0}`, p.status]));
   return rows.map((row) => {
-    const mine = owned.get(row.name);
+    const mine = owned.get(`${row.name}#${row.lane}`);
+    const healthy = mine ? mine.healthy : row.healthy;
     return {
       ...row,
       // The owner's in-memory state is fresher than the last heartbeat.
-      healthy: mine ? mine.healthy : row.healthy,
+      healthy,
+      error_is_past: errorIsPast(healthy),
+      last_success_at: mine?.lastSuccessAt ?? row.last_success_at,
+      last_error_at: mine?.lastError ? mine.lastErrorAt ?? row.last_error_at : row.last_error_at,
       retry_attempt: mine ? mine.attempt : row.retry_attempt,
       circuit: mine ? mine.circuit : row.circuit,
-      last_error: row.last_error === null ? null : redactText(row.last_error),
+      last_error: mine?.lastError ? redactText(mine.lastError) : row.last_error === null ? null : redactText(row.last_error),
       owned_here: mine !== undefined,
       throughput_per_second: Math.round(deps.metrics.throughput(row.name) * 100) / 100,
       history: deps.metrics.history(row.name).map((p) => ({ at: new Date(p.at).toISOString(), messages: p.messages, lag: p.lag })),

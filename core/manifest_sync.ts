@@ -52,7 +52,10 @@ export async function manifestPipelineProblems(
 const ROLLBACK = Symbol("rollback");
 
 function manifestProblem(p: ManifestPipeline, error: unknown): ConfigError {
-  return new ConfigError(`pipeline "${p.name}" (manifest): the catalog refused it: ${toError(error).message}`, { cause: error });
+  const named = `pipeline "${p.name}": `;
+  const message = toError(error).message;
+  const reason = message.startsWith(named) ? message.slice(named.length) : message;
+  return new ConfigError(`pipeline "${p.name}" (manifest): the catalog refused it: ${reason}`, { cause: error });
 }
 
 /** Upserts one manifest pipeline; false when the catalog already holds it as declared. */

@@ -35,6 +35,8 @@ export interface LagSource {
   /** Health per owned pipeline. */
   health(): Map<string, boolean>;
   ownedCount(): number;
+  /** Messages parked by isolate_poison per owned pipeline (tide.relay_held). */
+  held?(): Promise<Map<string, number>>;
 }
 
 export class RelayMetrics {
@@ -140,6 +142,16 @@ export class RelayMetrics {
       async collect() {
         this.reset();
         for (const [pipeline, lag] of (await metrics.#source?.lag()) ?? []) this.set({ pipeline }, lag);
+      },
+    });
+    new client.Gauge({
+      name: `${prefix}held_messages`,
+      help: "Messages parked with their key by isolate_poison, waiting for a retry (tide.relay_held), over the lanes owned here",
+      labelNames: ["pipeline"],
+      registers,
+      async collect() {
+        this.reset();
+        for (const [pipeline, held] of (await metrics.#source?.held?.()) ?? []) this.set({ pipeline }, held);
       },
     });
     const inboxGauges: [string, string, (c: InboxCounts) => number | null][] = [

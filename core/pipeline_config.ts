@@ -9,6 +9,7 @@ import { ENGINE_CONFIG_KEYS, type OutboxMessage, type PluginDefinition } from ".
 import { type PluginRegistry, validatePluginConfig } from "./plugins.ts";
 import { compileTemplate } from "./template.ts";
 import { type Formatter, wireFormatter } from "./wire_format.ts";
+import { type LaneConfig, laneConfig } from "./lanes.ts";
 
 export interface PreparedPipeline {
   definition: PluginDefinition;
@@ -20,6 +21,10 @@ export interface PreparedPipeline {
   eventId?: (message: OutboxMessage) => string;
   /** Forward pipelines: reshapes each message's body (wire_format). */
   format?: Formatter;
+  /** Forward pipelines: how many lanes, and the key that picks a message's lane (lanes, lane_key). */
+  lanes?: LaneConfig;
+  /** Forward pipelines: isolate_poison, a failing message holds back only its own key. */
+  isolatePoison?: boolean;
 }
 
 const TRANSFORM_KEYS = ["filter", "on_error"];
@@ -107,6 +112,20 @@ export async function preparePipeline(
   if (row.config.wire_format !== undefined) {
     if (kind !== "sink") throw new ConfigError(`${where}: 'wire_format' applies to forward pipelines only`);
     prepared.format = wireFormatter(row.config.wire_format, row.name);
+  }
+  if (kind === "sink") {
+    prepared.lanes = laneConfig(row.config, where);
+  } else if (row.config.lanes !== undefined || row.config.lane_key !== undefined) {
+    throw new ConfigError(`${where}: 'lanes' and 'lane_key' apply to forward pipelines only`);
+  }
+  const isolate = row.config.isolate_poison;
+  if (isolate !== undefined) {
+    if (kind !== "sink") throw new ConfigError(`${where}: 'isolate_poison' applies to forward pipelines only`);
+    if (typeof isolate !== "boolean") throw new ConfigError(`${where}: 'isolate_poison' must be true or false (got ${JSON.stringify(isolate)})`);
+    if (isolate && row.config.on_failure === "pause") {
+      throw new ConfigError(`${where}: 'isolate_poison' parks a failing message and goes on; it cannot be combined with on_failure "pause"`);
+    }
+    prepared.isolatePoison = isolate;
   }
   const onFailure = row.config.on_failure;
   if (onFailure !== undefined && onFailure !== "dlq" && onFailure !== "pause") {

@@ -251,4 +251,7 @@ export const ENGINE_CONFIG_KEYS = [
   "retry",
   "on_failure",
   "wire_format",
+  "lanes",
+  "lane_key",
+  "isolate_poison",
 ] as const;

@@ -20,6 +20,7 @@ import { PluginRegistry } from "./plugins.ts";
 import { type HttpServer, serve } from "./runtime.ts";
 import { SCHEMA_VERSION, schemaVersion } from "./schema.ts";
 import { SpanExporter } from "./trace_export.ts";
+import { WalCaptures } from "./wal_capture.ts";
 
 export interface RelayOptions {
   postgresUrl: string;
@@ -69,6 +70,8 @@ export class Relay {
   readonly #running = new Set<string>();
   #server: HttpServer | undefined;
   readonly #spans: SpanExporter | undefined;
+  /** Readers of the tables captured from the WAL (tide.capture_table(..., p_mode => 'wal')). */
+  readonly walCaptures: WalCaptures;
 
   constructor(options: RelayOptions) {
     this.#options = options;
@@ -98,6 +101,13 @@ export class Relay {
       ownershipLeaseMs,
       events: combineEvents(this.metrics.events, this.#spans?.events, options.events),
     });
+    this.walCaptures = new WalCaptures({
+      sql: this.sql,
+      postgresUrl: options.postgresUrl,
+      logger: options.logger,
+      registry: this.metrics.registry,
+      reconcileIntervalMs: options.reconcileIntervalMs ?? DEFAULT_RECONCILE_INTERVAL_MS,
+    });
   }
 
   /** Start-up errors (no database, no schema, schema too new) end the process; later ones do not. */
@@ -120,9 +130,16 @@ export class Relay {
     this.#spans?.start();
     if (this.#options.pipelines?.length) await syncManifestPipelines(this.sql, this.#options.pipelines, logger);
     await this.coordinator.start();
+    this.walCaptures.start();
     this.metrics.attach({
       lag: () => this.#ownedLag(),
-      health: () => new Map(this.coordinator.owned().map((p) => [p.name, p.status.healthy])),
+      // A pipeline with lanes is healthy while every lane owned here is.
+      health: () => {
+        const health = new Map<string, boolean>();
+        for (const p of this.coordinator.owned()) health.set(p.name, (health.get(p.name) ?? true) && p.status.healthy);
+        return health;
+      },
+      held: () => this.#ownedHeld(),
       ownedCount: () => this.coordinator.owned().length,
     });
     this.#retentionTimer = setInterval(() => void this.#chore("retention sweep", () => this.#sweep()),
@@ -141,6 +158,7 @@ export class Relay {
     clearInterval(this.#retentionTimer);
     clearInterval(this.#lagCheckpointTimer);
     this.metrics.detach();
+    await this.walCaptures.stop();
     await this.coordinator.stop();
     await this.#spans?.stop();
     await this.#server?.stop();
@@ -173,11 +191,16 @@ export class Relay {
       owned: () => this.coordinator.owned(),
       routes: this.routes,
       auth: this.#options.httpAuth,
+      logger: this.#options.logger,
     });
     try {
       this.#server = serve(app.fetch, match[1].replace(/^\[|\]$/g, "") || "0.0.0.0", Number(match[2]));
     } catch (error) {
-      throw new ConfigError(`cannot serve metrics on ${address}: ${toError(error).message}`, { cause: error });
+      throw new ConfigError(
+        `cannot serve metrics and the status page on ${address}: ${toError(error).message}; choose another address with ` +
+          `--metrics-addr HOST:PORT (PG_TIDE_METRICS_ADDR, [relay] metrics_addr), 127.0.0.1:0 for any free port`,
+        { cause: error },
+      );
     }
     const host = match[1] || "0.0.0.0";
     this.#options.logger.info("serving metrics and status", {
@@ -195,13 +218,27 @@ export class Relay {
   }
 
   async #ownedLag(): Promise<Map<string, number>> {
-    const names = this.coordinator.owned().map((p) => p.name);
-    if (names.length === 0) return new Map();
+    const owned = this.coordinator.owned();
+    if (owned.length === 0) return new Map();
+    // A pipeline with lanes lags as much as its most behind lane owned here.
     const rows = await this.sql<{ name: string; lag: bigint | null }[]>`
-      SELECT p.name, tide.consumer_group_lag(p.outbox_name, p.consumer_group, ${this.#options.relayGroupId}) AS lag
-        FROM tide.relay_pipelines p
-       WHERE p.name = ANY(${this.sql.array(names)}::text[])`;
+      SELECT p.name, max(tide.consumer_group_lag(p.outbox_name, tide.lane_group(p.consumer_group, o.lane, tide.pipeline_lanes(p.config)),
+                                                 ${this.#options.relayGroupId})) AS lag
+        FROM unnest(${this.sql.array(owned.map((p) => p.name))}::text[], ${this.sql.array(owned.map((p) => p.lane))}::int[]) AS o(name, lane)
+        JOIN tide.relay_pipelines p ON p.name = o.name
+       GROUP BY p.name`;
     return new Map(rows.filter((row) => row.lag !== null).map((row) => [row.name, Number(row.lag)]));
+  }
+
+  async #ownedHeld(): Promise<Map<string, number>> {
+    const owned = this.coordinator.owned();
+    if (owned.length === 0) return new Map();
+    const rows = await this.sql<{ name: string; held: number }[]>`
+      SELECT o.name, count(h.message_id)::int AS held
+        FROM unnest(${this.sql.array(owned.map((p) => p.name))}::text[], ${this.sql.array(owned.map((p) => p.lane))}::int[]) AS o(name, lane)
+        LEFT JOIN tide.relay_held h ON h.pipeline = o.name AND h.lane = o.lane AND h.relay_group_id = ${this.#options.relayGroupId}
+       GROUP BY o.name`;
+    return new Map(rows.map((row) => [row.name, row.held]));
   }
 
   async #chore(name: string, run: () => Promise<void>): Promise<void> {

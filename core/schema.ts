@@ -12,6 +12,9 @@ import m006 from "../sql/006_security.sql" with { type: "text" };
 import m007 from "../sql/007_capture.sql" with { type: "text" };
 import m008 from "../sql/008_ownership.sql" with { type: "text" };
 import m009 from "../sql/009_inbox_claims.sql" with { type: "text" };
+import m010 from "../sql/010_lanes.sql" with { type: "text" };
+import m011 from "../sql/011_console.sql" with { type: "text" };
+import m012 from "../sql/012_wal_capture.sql" with { type: "text" };
 import { ConfigError } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
@@ -32,6 +35,9 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 7, name: "capture", sql: m007 },
   { version: 8, name: "ownership", sql: m008 },
   { version: 9, name: "inbox_claims", sql: m009 },
+  { version: 10, name: "lanes", sql: m010 },
+  { version: 11, name: "console", sql: m011 },
+  { version: 12, name: "wal_capture", sql: m012 },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1].version;

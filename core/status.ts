@@ -14,7 +14,13 @@ export interface PipelineStatus {
   plugin_type: string;
   outbox: string | null;
   inbox: string | null;
+  /** The consumer group this row reads: with lanes, the lane's group. */
   consumer_group: string | null;
+  /** One row per lane (config `lanes`): this row's lane (0..lanes-1), and how many the pipeline has. */
+  lane: number;
+  lanes: number;
+  /** isolate_poison: messages of this lane parked with their key (tide.relay_held), waiting for a retry. */
+  held: number;
   owner: string | null;
   /** The owner's last heartbeat is recent (a few reconcile intervals). */
   owner_alive: boolean;
@@ -22,7 +28,15 @@ export interface PipelineStatus {
   healthy: boolean | null;
   last_error: string | null;
   last_error_at: Date | null;
+  /** The last time the owner connected or delivered a batch. */
+  last_success_at: Date | null;
+  /** The error is past: the pipeline is healthy, or succeeded after the error. */
+  error_is_past: boolean;
   retry_attempt: number;
+  /** The catalog's version of the config (bumped by every change). */
+  config_version: number;
+  /** The version the owner runs (null: no owner has started it). */
+  applied_version: number | null;
   /** closed, open (paused after repeated failures) or half-open (probing); null when not owned. */
   circuit: string | null;
   /** Forward: id of the last message the consumer group acknowledged (0 before the first). */
@@ -51,29 +65,40 @@ export const OWNER_STALE_SECONDS = 30;
 export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<PipelineStatus[]> {
   const rows = await sql`
     SELECT p.name, p.direction, p.enabled, p.plugin_type, p.outbox_name AS outbox, p.inbox_name AS inbox,
-           p.consumer_group, s.owner_id AS owner,
+           tide.lane_group(p.consumer_group, l.lane, n.lanes) AS consumer_group, l.lane, n.lanes, s.owner_id AS owner,
            coalesce(s.owner_id IS NOT NULL AND s.heartbeat_at > now() - make_interval(secs => ${OWNER_STALE_SECONDS}), false)
              AS owner_alive,
-           s.heartbeat_at, s.healthy, s.last_error, s.last_error_at, coalesce(s.retry_attempt, 0) AS retry_attempt, s.circuit,
+           s.heartbeat_at, s.healthy, s.last_error, s.last_error_at, s.last_success_at,
+           coalesce(s.retry_attempt, 0) AS retry_attempt, s.circuit,
+           p.config_version, s.config_version AS applied_version,
            g.committed_offset, g.delivered_total,
            CASE WHEN p.direction = 'forward' THEN
-             coalesce(tide.consumer_group_lag(p.outbox_name, p.consumer_group, ${relayGroupId}),
-                      tide.consumer_group_lag(p.outbox_name, p.consumer_group, 'default')) END AS lag,
+             coalesce(tide.consumer_group_lag(p.outbox_name, tide.lane_group(p.consumer_group, l.lane, n.lanes), ${relayGroupId}),
+                      tide.consumer_group_lag(p.outbox_name, tide.lane_group(p.consumer_group, l.lane, n.lanes), 'default')) END AS lag,
            (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth,
+           (SELECT count(*) FROM tide.relay_held h
+             WHERE h.pipeline = p.name AND h.relay_group_id = ${relayGroupId} AND h.lane = l.lane) AS held,
            CASE WHEN i.name IS NOT NULL THEN (SELECT count(*) FROM tide.inbox_pending(i.name)) END AS inbox_pending
       FROM tide.relay_pipelines p
+     CROSS JOIN LATERAL (SELECT CASE p.direction WHEN 'forward' THEN tide.pipeline_lanes(p.config) ELSE 1 END AS lanes) n
+     CROSS JOIN LATERAL generate_series(0, n.lanes - 1) AS l(lane)
       LEFT JOIN tide.inboxes i ON i.name = p.inbox_name
-      LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId}
+      LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId} AND s.lane = l.lane
       LEFT JOIN tide.consumer_groups g
-        ON g.outbox_name = p.outbox_name AND g.group_name = p.consumer_group AND g.relay_group_id = ${relayGroupId}
-     ORDER BY p.name`;
+        ON g.outbox_name = p.outbox_name AND g.group_name = tide.lane_group(p.consumer_group, l.lane, n.lanes)
+       AND g.relay_group_id = ${relayGroupId}
+     ORDER BY p.name, l.lane`;
   return rows.map((row) => ({
     ...(row as any),
+    error_is_past: errorIsPast(row.healthy),
+    config_version: Number(row.config_version),
+    applied_version: row.applied_version === null ? null : Number(row.applied_version),
     committed_offset: row.committed_offset === null ? null : Number(row.committed_offset),
     delivered_total: row.delivered_total === null ? null : Number(row.delivered_total),
     lag: row.lag === null ? null : Number(row.lag),
     inbox_pending: row.inbox_pending === null ? null : Number(row.inbox_pending),
     dlq_depth: Number(row.dlq_depth),
+    held: Number(row.held),
   }));
 }
 
@@ -87,4 +112,12 @@ export async function unreadConsumerGroups(sql: Sql): Promise<UnreadConsumerGrou
     lag: Number(row.lag),
     position_moved_at: row.position_moved_at,
   }));
+}
+
+/**
+ * An error is past once the pipeline is healthy again (it connected or delivered since): a status
+ * shows it as history, greyed with its time, not as the current state.
+ */
+export function errorIsPast(healthy: boolean | null): boolean {
+  return healthy !== false;
 }

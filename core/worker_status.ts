@@ -2,8 +2,9 @@
 // backoff, and a circuit breaker. Shared by forward and reverse workers.
 //
 // Circuit breaker: after CIRCUIT_THRESHOLD consecutive failures the circuit opens and the worker
-// stops hammering the target: it waits the full cooldown (the policy's maximum backoff) and then
-// makes one probe attempt (half-open). Success closes the circuit; another failure opens it again.
+// stops hammering the target: it waits a cooldown (the policy's maximum backoff, at most
+// CIRCUIT_PROBE_MS, so that delivery resumes within seconds once the target is back) and then makes
+// one probe attempt (half-open). Success closes the circuit; another failure opens it again.
 // The state shown is `open` for the whole cooldown and `half-open` only once the probe is under way.
 
 import type { RelayEvents } from "./events.ts";
@@ -12,12 +13,16 @@ import type { Logger } from "./log.ts";
 import { backoffDelay, type BackoffPolicy, DEFAULT_BACKOFF } from "./backoff.ts";
 
 export const CIRCUIT_THRESHOLD = 5;
+/** The longest an open circuit waits before its probe. */
+export const CIRCUIT_PROBE_MS = 5_000;
 export type CircuitState = "closed" | "open" | "half-open";
 
 export class WorkerStatus {
   healthy = true;
   lastError: string | null = null;
   lastErrorAt: Date | null = null;
+  /** The last connect or delivered batch: an error before it is past. */
+  lastSuccessAt: Date | null = null;
   /** Consecutive failed attempts; 0 after a success. */
   attempt = 0;
   delivered = 0;
@@ -79,8 +84,9 @@ export class WorkerStatus {
   /** How long to wait before the next attempt. An open circuit waits the cooldown, then probes once. */
   retryDelay(policy: BackoffPolicy = DEFAULT_BACKOFF): number {
     if (this.#circuit === "open") {
-      this.#probeAt = Date.now() + policy.maxMs;
-      return policy.maxMs;
+      const cooldown = Math.min(policy.maxMs, CIRCUIT_PROBE_MS);
+      this.#probeAt = Date.now() + cooldown;
+      return cooldown;
     }
     return backoffDelay(this.attempt, policy);
   }
@@ -88,6 +94,7 @@ export class WorkerStatus {
   succeed(): void {
     if (!this.healthy) this.log.info("pipeline recovered", { after_attempts: this.attempt });
     this.healthy = true;
+    this.lastSuccessAt = new Date();
     this.attempt = 0;
     this.#circuit = "closed";
     this.#probeAt = 0;

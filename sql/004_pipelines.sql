@@ -13,6 +13,9 @@ CREATE TABLE tide.relay_pipelines (
   batch_size     integer NOT NULL DEFAULT 100 CHECK (batch_size BETWEEN 1 AND 100000),
   enabled        boolean NOT NULL DEFAULT true,
   idempotent     boolean NOT NULL DEFAULT true,
+  -- Bumped by every call that changes the row (relay_set_outbox/inbox, relay_enable/disable); the
+  -- owning relay records the version it runs in relay_pipeline_state (see relay_wait_applied).
+  config_version bigint NOT NULL DEFAULT 1,
   created_at     timestamptz NOT NULL DEFAULT now(),
   updated_at     timestamptz NOT NULL DEFAULT now(),
   CHECK ((direction = 'forward' AND outbox_name IS NOT NULL AND consumer_group IS NOT NULL AND inbox_name IS NULL)
@@ -30,7 +33,11 @@ CREATE TABLE tide.relay_pipeline_state (
   healthy        boolean NOT NULL DEFAULT true,
   last_error     text,
   last_error_at  timestamptz,
+  -- The last time the worker connected or delivered a batch; an error older than this is past.
+  last_success_at timestamptz,
   retry_attempt  integer NOT NULL DEFAULT 0,
+  -- The relay_pipelines.config_version the owner's worker was started with.
+  config_version bigint,
   -- closed: delivering; open: paused after repeated failures; half-open: one probe attempt.
   circuit        text NOT NULL DEFAULT 'closed' CHECK (circuit IN ('closed', 'open', 'half-open')),
   PRIMARY KEY (pipeline, relay_group_id)
@@ -188,7 +195,12 @@ BEGIN
      SET outbox_name = excluded.outbox_name, consumer_group = excluded.consumer_group,
          plugin_type = excluded.plugin_type, config = excluded.config,
          batch_size = tide.batch_size_of(p_batch_size, p_config, p.batch_size, p_name),
-         enabled = coalesce(p_enabled, p.enabled), updated_at = now();
+         enabled = coalesce(p_enabled, p.enabled), updated_at = now(),
+         config_version = p.config_version + CASE WHEN
+           (p.outbox_name, p.consumer_group, p.plugin_type, p.config, p.batch_size, p.enabled) IS DISTINCT FROM
+           (excluded.outbox_name, excluded.consumer_group, excluded.plugin_type, excluded.config,
+            tide.batch_size_of(p_batch_size, p_config, p.batch_size, p_name), coalesce(p_enabled, p.enabled))
+           THEN 1 ELSE 0 END;
   PERFORM pg_notify('tide_relay_config', p_name);
 END $$;
 
@@ -255,7 +267,13 @@ BEGIN
   ON CONFLICT (name) DO UPDATE
      SET inbox_name = excluded.inbox_name, plugin_type = excluded.plugin_type, config = excluded.config,
          batch_size = tide.batch_size_of(p_batch_size, p_config, p.batch_size, p_name),
-         enabled = coalesce(p_enabled, p.enabled), idempotent = coalesce(p_idempotent, p.idempotent), updated_at = now();
+         enabled = coalesce(p_enabled, p.enabled), idempotent = coalesce(p_idempotent, p.idempotent), updated_at = now(),
+         config_version = p.config_version + CASE WHEN
+           (p.inbox_name, p.plugin_type, p.config, p.batch_size, p.enabled, p.idempotent) IS DISTINCT FROM
+           (excluded.inbox_name, excluded.plugin_type, excluded.config,
+            tide.batch_size_of(p_batch_size, p_config, p.batch_size, p_name), coalesce(p_enabled, p.enabled),
+            coalesce(p_idempotent, p.idempotent))
+           THEN 1 ELSE 0 END;
   PERFORM pg_notify('tide_relay_config', p_name);
 END $$;
 
@@ -266,7 +284,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     'outbox', p.outbox_name, 'consumer_group', p.consumer_group, 'inbox', p.inbox_name,
     CASE p.direction WHEN 'forward' THEN 'sink_type' ELSE 'source_type' END, p.plugin_type,
     'batch_size', p.batch_size, 'idempotent', CASE p.direction WHEN 'reverse' THEN p.idempotent END,
-    'config', tide.redact(p.config), 'updated_at', p.updated_at));
+    'config', tide.redact(p.config), 'config_version', p.config_version, 'updated_at', p.updated_at));
 $$;
 
 CREATE FUNCTION tide.relay_get_config(p_name text) RETURNS jsonb
@@ -296,7 +314,10 @@ $$;
 CREATE FUNCTION tide.relay_set_enabled(p_name text, p_enabled boolean) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-  UPDATE tide.relay_pipelines SET enabled = p_enabled, updated_at = now() WHERE name = p_name;
+  UPDATE tide.relay_pipelines
+     SET enabled = p_enabled, updated_at = now(),
+         config_version = config_version + CASE WHEN enabled IS DISTINCT FROM p_enabled THEN 1 ELSE 0 END
+   WHERE name = p_name;
   IF NOT FOUND THEN
     RAISE EXCEPTION 'pipeline "%" does not exist', p_name USING ERRCODE = 'undefined_object';
   END IF;
@@ -356,4 +377,57 @@ BEGIN
   INSERT INTO tide.plugin_types (type, kind, required_keys) VALUES (p_type, p_kind, p_required_keys)
   ON CONFLICT (type, kind) DO UPDATE SET required_keys = excluded.required_keys, registered_at = now()
    WHERE NOT tide.plugin_types.builtin;
+END $$;
+
+-- Waits until the relays run the pipeline's current config_version, polling the catalog: an enabled
+-- pipeline needs a live owner (heartbeat within 30 s) started with that version and no live owner on
+-- an older one; a disabled one needs no live owner. Returns false when p_timeout passes first.
+-- Not SECURITY DEFINER: it reads two catalog tables that tide_relay and the owner may read anyway.
+-- Each poll is a new statement and so sees what other transactions committed meanwhile (READ
+-- COMMITTED); a change made in the caller's own open transaction can never be applied, so that
+-- is refused at once instead of waiting out the timeout.
+CREATE FUNCTION tide.relay_wait_applied(p_name text, p_timeout interval DEFAULT '30 seconds') RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_deadline timestamptz;
+  v_pipeline record;
+  v_applied boolean;
+BEGIN
+  PERFORM tide.check_not_null('relay_wait_applied', 'p_name', p_name);
+  PERFORM tide.check_not_null('relay_wait_applied', 'p_timeout', p_timeout);
+  IF p_timeout < interval '0' THEN
+    RAISE EXCEPTION 'tide.relay_wait_applied: p_timeout must not be negative (got %)', p_timeout
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  v_deadline := clock_timestamp() + p_timeout;
+  LOOP
+    SELECT p.config_version, p.enabled, coalesce(p.xmin = xid(pg_current_xact_id_if_assigned()), false) AS mine
+      INTO v_pipeline FROM tide.relay_pipelines p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'pipeline "%" does not exist', p_name USING ERRCODE = 'undefined_object';
+    END IF;
+    IF v_pipeline.mine THEN
+      RAISE EXCEPTION 'pipeline "%": its change is not committed yet, so no relay can apply it', p_name
+        USING ERRCODE = 'active_sql_transaction',
+              HINT = 'commit first, then call tide.relay_wait_applied in a new transaction (psql -c runs all its statements in one)';
+    END IF;
+    v_applied := CASE WHEN v_pipeline.enabled THEN
+         EXISTS (SELECT 1 FROM tide.relay_pipeline_state s
+                  WHERE s.pipeline = p_name AND s.owner_id IS NOT NULL AND s.heartbeat_at > clock_timestamp() - interval '30 seconds'
+                    AND s.config_version = v_pipeline.config_version)
+         AND NOT EXISTS (SELECT 1 FROM tide.relay_pipeline_state s
+                          WHERE s.pipeline = p_name AND s.owner_id IS NOT NULL AND s.heartbeat_at > clock_timestamp() - interval '30 seconds'
+                            AND s.config_version IS DISTINCT FROM v_pipeline.config_version)
+       ELSE
+         NOT EXISTS (SELECT 1 FROM tide.relay_pipeline_state s
+                      WHERE s.pipeline = p_name AND s.owner_id IS NOT NULL AND s.heartbeat_at > clock_timestamp() - interval '30 seconds')
+       END;
+    IF v_applied THEN
+      RETURN true;
+    END IF;
+    IF clock_timestamp() >= v_deadline THEN
+      RETURN false;
+    END IF;
+    PERFORM pg_sleep(least(0.05, greatest(0, extract(epoch FROM v_deadline - clock_timestamp()))));
+  END LOOP;
 END $$;

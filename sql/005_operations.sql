@@ -317,7 +317,8 @@ SELECT p.name AS pipeline, p.direction, p.enabled, p.plugin_type,
        coalesce(p.outbox_name, p.plugin_type) AS source,
        coalesce(p.inbox_name, p.plugin_type) AS target,
        p.consumer_group, s.relay_group_id, s.owner_id, s.heartbeat_at, s.healthy, s.last_error, s.last_error_at,
-       s.retry_attempt, s.circuit,
+       s.last_success_at, s.retry_attempt, s.circuit,
+       p.config_version, s.config_version AS applied_config_version,
        CASE WHEN p.direction = 'forward' THEN
          tide.consumer_group_lag(p.outbox_name, p.consumer_group, coalesce(s.relay_group_id, 'default'))
        END AS lag,

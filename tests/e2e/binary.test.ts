@@ -160,6 +160,7 @@ sink_type = "kitsink"
 file = "${out}"
 `);
     const env = { ...process.env, E2E_DATABASE_URL: db.url };
+    await db.sql`SELECT tide.outbox_create('kit_orders')`;
     const listed = Bun.spawnSync([BINARY, "plugins", "--output", "json", "--config", manifest], { cwd: alone, env });
     expect(listed.exitCode).toBe(0);
     expect(JSON.parse(listed.stdout.toString()).map((p: { type: string }) => p.type)).toContain("kitsink");
@@ -170,7 +171,6 @@ file = "${out}"
     expect(checked).toContain('Unrecognized key: "file"');
     expect(checked).not.toContain('pipeline "kit-good"');
 
-    await db.sql`SELECT tide.outbox_create('kit_orders')`;
     const relay = Bun.spawn([BINARY, "run", "--config", manifest], { cwd: alone, env, stdout: "pipe", stderr: "pipe" });
     const log = collectLines(relay.stderr);
     try {

@@ -196,7 +196,7 @@ function statusTable(text: string): Map<string, Record<string, string>> {
 function pageTable(html: string): Map<string, Record<string, string>> {
   const text = (cell: string) => cell.replace(/<[^>]+>/g, "").trim();
   const header = [...html.matchAll(/<th[^>]*>([\s\S]*?)<\/th>/g)].map((m) => text(m[1]!));
-  const rows = [...html.matchAll(/<tr><td>[\s\S]*?<\/tr>/g)].map((row) =>
+  const rows = [...html.matchAll(/<tr data-pipeline="[^"]*"><td>[\s\S]*?<\/tr>/g)].map((row) =>
     Object.fromEntries([...row[0].matchAll(/<td[^>]*>([\s\S]*?)<\/td>/g)].map((m, i) => [header[i], text(m[1]!)]))
   );
   return new Map(rows.map((row) => [row.Pipeline!, row]));
@@ -326,8 +326,9 @@ describe("pipeline status", () => {
     const rows = pageTable(html);
     expect(rows.get("status-file")).toMatchObject({
       Direction: "forward", "From → to": "outbox status_file → file", State: "healthy", Owner: relay.relayId,
-      Position: String(lastFileId), Lag: "0", DLQ: "0", "Last error": "",
+      Position: String(lastFileId), Lag: "0", DLQ: "0", "Last error": "", Config: "v1",
     });
+    expect(rows.get("status-file")!["Last success"]).toMatch(/^\d+ s ago$/);
     expect(rows.get("status-hook")).toMatchObject({ Position: String(rejectedId), Lag: "1", DLQ: "1" });
     expect(rows.get("status-hook")!.State).toMatch(/^failing \(attempt \d+\), circuit (open|half-open)$/);
     expect(rows.get("status-hook")!["Last error"]).toContain("answered 503");
@@ -335,11 +336,13 @@ describe("pipeline status", () => {
 
     const figure = (name: string) => html.match(new RegExp(`<figure><figcaption>${name}</figcaption>[\\s\\S]*?</figure>`))?.[0] ?? "";
     // All DELIVERED messages went out in one 10 s step: DELIVERED / 10 per second at the peak.
-    expect(figure("status-file")).toMatch(/<svg [^>]*aria-label="messages\/s">[\s\S]*<polyline [^>]*points="[\d., ]+"/);
+    expect(figure("status-file")).toMatch(/<svg [^>]*aria-label="messages\/s over time \(UTC\)">[\s\S]*<polyline [^>]*points="[\d., ]+"/);
+    // The time axis is labelled with UTC clock times.
+    expect(figure("status-file")).toMatch(/<text class="x-tick"[^>]*>\d\d:\d\d:\d\d<\/text>/);
     expect(figure("status-file")).toContain(`(max ${DELIVERED / 10})`);
-    expect(figure("status-file")).toContain('aria-label="lag"');
-    expect(figure("status-in")).toContain('aria-label="messages/s"');
-    expect(figure("status-in")).not.toContain('aria-label="lag"'); // a reverse pipeline has no outbox lag
+    expect(figure("status-file")).toContain('aria-label="lag (messages) over time (UTC)"');
+    expect(figure("status-in")).toContain('aria-label="messages/s over time (UTC)"');
+    expect(figure("status-in")).not.toContain('aria-label="lag'); // a reverse pipeline has no outbox lag
   }, 60_000);
 
   it("prints the same in pg-tide status, as a table and as JSON", async () => {
@@ -349,7 +352,8 @@ describe("pipeline status", () => {
     const table = statusTable(await pgTideStatus());
     expect(table.get("status-file")).toEqual({
       PIPELINE: "status-file", DIRECTION: "forward", FROM: "status_file", TO: "file", STATE: "healthy", OWNER: relay.relayId,
-      POSITION: String(lastFileId), LAG: "0", DLQ: "0", "LAST ERROR": "",
+      POSITION: String(lastFileId), LAG: "0", DLQ: "0", "LAST ERROR": "", CONFIG: "v1",
+      "LAST SUCCESS": expect.stringMatching(/^\d{4}-\d\d-\d\dT/),
     });
     expect(table.get("status-hook")).toMatchObject({ POSITION: String(rejectedId), LAG: "1", DLQ: "1" });
     expect(table.get("status-hook")!.STATE).toMatch(/^failing \(attempt \d+, circuit (open|half-open)\)$/);

@@ -74,7 +74,7 @@ describe("pg-tide install", () => {
       env: { ...process.env, PG_TIDE_POSTGRES_URL: "" },
     });
     expect(result.exitCode).toBe(2);
-    expect(result.stderr.toString()).toContain("--postgres-url is required");
+    expect(result.stderr.toString()).toContain("--postgres-url URL (or PG_TIDE_POSTGRES_URL) installs it into that database");
   });
 });
 

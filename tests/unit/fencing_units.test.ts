@@ -29,6 +29,7 @@ describe("TIDE_FAILPOINTS", () => {
     expect([...FAILPOINTS].sort()).toEqual([
       "coordinator.holding-locks", "coordinator.reacquiring", "forward.after-commit", "forward.after-partial-publish",
       "forward.after-publish", "forward.after-read", "forward.before-commit", "kafka.before-commit", "reverse.after-inbox-commit",
+      "wal.after-outbox-commit", "wal.before-outbox-commit",
     ]);
   });
 });
@@ -40,7 +41,10 @@ describe("circuit state", () => {
     const status = new WorkerStatus("p", "forward", quiet);
     for (let i = 0; i < CIRCUIT_THRESHOLD; i++) status.fail(new Error("down"), "delivery failed");
     expect(status.circuit).toBe("open");
-    expect(status.retryDelay({ initialMs: 10, maxMs: 60_000 })).toBe(60_000);
+    // An open circuit probes at least every 5 s, however long the backoff may grow: delivery resumes
+    // within seconds once the target is back.
+    expect(status.retryDelay({ initialMs: 10, maxMs: 60_000 })).toBe(5_000);
+    expect(status.retryDelay({ initialMs: 10, maxMs: 2_000 })).toBe(2_000);
     expect(status.circuit).toBe("open"); // waiting out the cooldown: still open
     status.retryDelay({ initialMs: 10, maxMs: 0 }); // a cooldown that is already over
     expect(status.circuit).toBe("half-open");
