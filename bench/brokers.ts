@@ -30,9 +30,8 @@ import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, medianRun, payloadOfSize, processMemory, scratchDatabase,
   spawnRelay, startCpuAccount, summarize, waitForQuiet, wallClockMs,
 } from "./support.ts";
+import { createTarget, KAFKA_BROKER, NATS_URL, type Target } from "./targets.ts";
 
-const KAFKA_BROKER = "127.0.0.1:9092";
-const NATS_URL = "nats://127.0.0.1:4222";
 const MESSAGES = intFlag("messages", 50_000);
 const BATCH = intFlag("batch", 500);
 const RATE = intFlag("rate", 500);
@@ -49,37 +48,9 @@ const kafka = new Kafka({ clientId: "tide-bench", brokers: [KAFKA_BROKER], logLe
 const nc: NatsConnection = await connect({ servers: NATS_URL });
 const jsm: JetStreamManager = await jetstreamManager(nc);
 
-/** A Kafka topic (one partition) or a JetStream stream for one run; returns the pipeline config. */
-async function target(sink: Sink, name: string): Promise<{ config: Record<string, unknown>; count(): Promise<number>; drop(): Promise<void> }> {
-  if (sink === "kafka") {
-    const topic = `bench-${name}`;
-    const admin = kafka.admin();
-    await admin.connect();
-    await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-    return {
-      config: { brokers: KAFKA_BROKER, topic, acks: "all" },
-      async count() {
-        const offsets = await admin.fetchTopicOffsets(topic);
-        return offsets.reduce((sum, p) => sum + Number(p.high) - Number(p.low), 0);
-      },
-      async drop() {
-        await admin.deleteTopics({ topics: [topic] }).catch(() => {});
-        await admin.disconnect();
-      },
-    };
-  }
-  const stream = `BENCH_${name.replace(/\W/g, "_")}`;
-  const subject = `bench.${name}.orders`;
-  await jsm.streams.add({ name: stream, subjects: [subject] });
-  return {
-    config: { url: NATS_URL, subject, mode: "jetstream" },
-    async count() {
-      return (await jsm.streams.info(stream)).state.messages;
-    },
-    async drop() {
-      await jsm.streams.delete(stream).catch(() => {});
-    },
-  };
+/** A Kafka topic (one partition) or a JetStream stream for one run (bench/targets.ts). */
+function target(sink: Sink, name: string): Promise<Target> {
+  return createTarget({ kafka, jsm }, sink, name);
 }
 
 // ---------------------------------------------------------------------------------------------

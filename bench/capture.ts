@@ -5,12 +5,15 @@
 //   bun bench/capture.ts [--rows 100000] [--singles 5000] [--rate 500] [--seconds 20]
 // With --wal: plain vs trigger-captured vs WAL-captured tables in one run, on an embedded PostgreSQL 18
 // started with wal_level=logical: single-row insert p50/p99 at --clients (8) concurrent writers, a bulk
-// insert of --rows, and the relay's peak RSS while it reads one source transaction of --big-mb MiB.
-//   bun bench/capture.ts --wal [--rows 100000] [--singles 4000] [--clients 8] [--big-mb 100]
+// insert of --rows, the change → webhook latency p50/p99 of trigger vs WAL capture at --latency-rate
+// (1000) rows/s, the modes alternating in --latency-rounds (3) rounds of --latency-seconds (10) each,
+// and the relay's peak RSS while it reads one source transaction of --big-mb MiB. --only latency
+// runs the latency comparison alone.
+//   bun bench/capture.ts --wal [--rows 100000] [--singles 4000] [--clients 8] [--big-mb 100] [--only latency]
 // Figures go to stdout; nothing is asserted.
 
 import {
-  connectTo, describeMachine, fixed, intFlag, markdownTable, scratchDatabase, spawnRelay, startReceiver, summarize,
+  connectTo, describeMachine, fixed, intFlag, markdownTable, type Sql, scratchDatabase, spawnRelay, startReceiver, summarize,
 } from "./support.ts";
 import { startEmbeddedPostgres } from "../core/embedded.ts";
 import { installSchema } from "../core/schema.ts";
@@ -120,6 +123,11 @@ async function walMode() {
     await sql`SELECT tide.capture_table('wal', 'changes', p_mode => 'wal')`;
     relay = spawnRelay(url);
     await relay.logged("reading WAL capture slot");
+    const only = process.argv[process.argv.indexOf("--only") + 1];
+    if (process.argv.includes("--only") && only === "latency") {
+      await walLatency(sql);
+      return;
+    }
     // Single-row inserts from `clients` writers; the tables take turns, in rounds, so drift hits each alike.
     const latencies = new Map<string, number[]>(tables.map((t) => [t, []]));
     const rounds = 4;
@@ -172,11 +180,84 @@ async function walMode() {
     console.log(markdownTable(["source INSERT s", "in the outbox after s", "relay RSS before MiB", "relay peak RSS MiB"], [
       [fixed((written - start) / 1000, 1), fixed((done - written) / 1000, 1), fixed(rssBefore), fixed(memory.peakMiB)],
     ]));
+    await walLatency(sql);
     if (relay.problems.length) console.log(`\nrelay warnings:\n${relay.problems.join("\n")}`);
   } finally {
     await relay?.stop();
     await sql.end();
     await server.stop();
+  }
+}
+
+/**
+ * Change → webhook latency, trigger vs WAL capture, in one run: each mode has its table, outbox (with
+ * NOTIFY) and webhook pipeline; writers insert one row per transaction at a steady rate, the modes
+ * take turns in rounds, and each round waits for every delivery before the next begins. The latency
+ * of a change is its arrival at the webhook minus the clock_timestamp() its row was written with.
+ */
+async function walLatency(sql: Sql) {
+  const rate = intFlag("latency-rate", 1_000);
+  const seconds = intFlag("latency-seconds", 10);
+  const rounds = intFlag("latency-rounds", 3);
+  const writers = 4;
+  const modes = ["trigger", "wal"] as const;
+  const arrived = new Map<string, number[]>(modes.map((m) => [`lat_${m}`, []]));
+  const receiver = startReceiver((_request, body, at) => {
+    const change = JSON.parse(body);
+    arrived.get(change.metadata.table_name)?.push(at - Date.parse(change.record.created_at));
+  });
+  let next = 1;
+  /** Inserts `total` rows into `table` at `perSecond`, then waits for all of them at the webhook. */
+  const measure = async (table: string, total: number, perSecond: number): Promise<number[]> => {
+    arrived.set(table, []);
+    const per = Math.ceil(total / writers);
+    const interval = (1000 * writers) / perSecond;
+    const begin = performance.now();
+    await Promise.all(Array.from({ length: writers }, async (_, w) => {
+      for (let i = 0; i < per; i++) {
+        const wait = begin + (i * interval) + (w * interval) / writers - performance.now();
+        if (wait > 0) await Bun.sleep(wait);
+        const id = next++;
+        // clock_timestamp() inside the row: the change's time as the database saw it (same clock as the receiver).
+        await sql.unsafe(`INSERT INTO ${table} (id, customer_id, total, created_at) VALUES (${id}, 1, 9.99, clock_timestamp())`);
+      }
+    }));
+    const deadline = Date.now() + 120_000;
+    while (arrived.get(table)!.length < per * writers && Date.now() < deadline) await Bun.sleep(20);
+    return arrived.get(table)!;
+  };
+  try {
+    for (const mode of modes) {
+      const name = `lat_${mode}`;
+      await sql.unsafe(`CREATE TABLE ${name} ${TABLE}`);
+      await sql`SELECT tide.outbox_create(${name}, p_notify := true)`;
+      await sql`SELECT tide.capture_table(${name}, ${name}, p_mode => ${mode})`;
+      await sql`SELECT tide.relay_set_outbox(${name}, ${name}, 'webhook', ${sql.json({ url: receiver.url, wire_format: "sequin" })})`;
+    }
+    for (const mode of modes) await measure(`lat_${mode}`, writers, writers); // the pipelines and the WAL reader run
+    const results = new Map<string, { p50: number; p99: number; delivered: number; total: number }[]>(modes.map((m) => [m, []]));
+    for (let round = 0; round < rounds; round++) {
+      for (const mode of round % 2 === 0 ? modes : [...modes].reverse()) {
+        const total = rate * seconds;
+        const latencies = await measure(`lat_${mode}`, total, rate);
+        const s = summarize(latencies);
+        results.get(mode)!.push({ p50: s.p50, p99: s.p99, delivered: latencies.length, total: Math.ceil(total / writers) * writers });
+      }
+    }
+    const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+    const trigger = results.get("trigger")!;
+    const rows = modes.map((mode) => {
+      const r = results.get(mode)!;
+      return [mode, r.map((x) => `${x.delivered}/${x.total}`).join(", "), r.map((x) => fixed(x.p50)).join(", "), fixed(median(r.map((x) => x.p50))),
+        r.map((x) => fixed(x.p99)).join(", "), fixed(median(r.map((x) => x.p99))),
+        `${fixed(median(r.map((x, i) => x.p50 / trigger[i].p50)), 2)}×`, `${fixed(median(r.map((x, i) => x.p99 / trigger[i].p99)), 2)}×`];
+    });
+    const [{ version }] = await sql`SELECT current_setting('server_version') AS version`;
+    console.log(`\n### Change → webhook latency, trigger vs WAL capture (PostgreSQL ${version}, ${rate} rows/s from ${writers} writers, ${rounds} rounds of ${seconds} s per mode, sequin format, NOTIFY wake-up)\n`);
+    console.log(markdownTable(["capture", "delivered per round", "p50 ms per round", "median p50 ms", "p99 ms per round", "median p99 ms",
+      "p50 / trigger (median of rounds)", "p99 / trigger"], rows));
+  } finally {
+    receiver.stop();
   }
 }
 

@@ -30,9 +30,8 @@ import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, processCpuSeconds, processMemory,
   scratchDatabase, spawnRelay, startCpuAccount, waitForQuiet,
 } from "./support.ts";
+import { createTarget, KAFKA_BROKER, NATS_URL, type Target } from "./targets.ts";
 
-const KAFKA_BROKER = "127.0.0.1:9092";
-const NATS_URL = "nats://127.0.0.1:4222";
 const BARE_BATCH = 1000;
 /** The bare loop's Kafka requests stay under the broker's default message.max.bytes (1 MiB). */
 const KAFKA_REQUEST_BYTES = 900_000;
@@ -41,12 +40,6 @@ const TIME_LIMIT_MS = 600_000;
 const QUIET_WAIT_MS = 20_000;
 
 type Sink = "nats" | "kafka";
-
-interface Target {
-  config: Record<string, unknown>;
-  count(): Promise<number>;
-  drop(): Promise<void>;
-}
 
 interface Measured {
   seconds: number;
@@ -202,37 +195,9 @@ async function runRelay(sink: Sink, sql: ReturnType<typeof connectTo>, db: { url
   }
 }
 
-/** A JetStream stream or a Kafka topic (one partition) for one run, with the pipeline config that targets it. */
-async function target(sink: Sink, name: string): Promise<Target> {
-  if (sink === "kafka") {
-    const topic = `bench-${name}`;
-    const admin = kafka.admin();
-    await admin.connect();
-    await admin.createTopics({ topics: [{ topic, numPartitions: 1 }], waitForLeaders: true });
-    return {
-      config: { brokers: KAFKA_BROKER, topic, acks: "all" },
-      async count() {
-        const offsets = await admin.fetchTopicOffsets(topic);
-        return offsets.reduce((sum, p) => sum + Number(p.high) - Number(p.low), 0);
-      },
-      async drop() {
-        await admin.deleteTopics({ topics: [topic] }).catch(() => {});
-        await admin.disconnect();
-      },
-    };
-  }
-  const stream = `BENCH_${name.replace(/\W/g, "_")}`;
-  const subject = `bench.${name}.orders`;
-  await jsm.streams.add({ name: stream, subjects: [subject] });
-  return {
-    config: { url: NATS_URL, subject, mode: "jetstream" },
-    async count() {
-      return (await jsm.streams.info(stream)).state.messages;
-    },
-    async drop() {
-      await jsm.streams.delete(stream).catch(() => {});
-    },
-  };
+/** A Kafka topic (one partition) or a JetStream stream for one run (bench/targets.ts). */
+function target(sink: Sink, name: string): Promise<Target> {
+  return createTarget({ kafka, jsm }, sink, name);
 }
 
 // ---------------------------------------------------------------------------------------------

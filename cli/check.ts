@@ -5,7 +5,7 @@
 
 import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError, toError } from "../core/errors.ts";
-import type { PipelineRow } from "../core/forward.ts";
+import type { PipelineRow } from "../core/pipeline.ts";
 import { createLogger } from "../core/log.ts";
 import { manifestPipelineProblems } from "../core/manifest_sync.ts";
 import { preparePipeline } from "../core/pipeline_config.ts";
@@ -59,7 +59,7 @@ export async function checkCommand(args: string[]): Promise<number> {
     try {
       await verifyConnection(sql, url);
       if (manifest?.pipelines.length) {
-        refused = await manifestPipelineProblems(sql, manifest.pipelines, registry.all().map(({ type, kind }) => ({ type, kind })));
+        refused = await manifestPipelineProblems(sql, manifest.pipelines, registry.all());
       }
       const catalog = await sql<PipelineRow[]>`SELECT * FROM tide.relay_pipelines ORDER BY name`;
       const declared = new Set(rows.map((r) => r.name));

@@ -5,8 +5,10 @@ import { createServer } from "node:net";
 import { connect } from "../core/db.ts";
 import { ConfigError, toError } from "../core/errors.ts";
 import { startEmbeddedPostgres } from "../core/embedded.ts";
+import { PluginRegistry } from "../core/plugins.ts";
 import { Relay } from "../core/relay.ts";
 import { installSchema } from "../core/schema.ts";
+import { builtinPlugins } from "../plugins/registry.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags } from "./args.ts";
 import { loggerFromFlags, stopSignals, untilStopped } from "./run.ts";
@@ -90,7 +92,7 @@ export async function devCommand(args: string[]): Promise<number> {
       logger.info(`${signalled}: stopping`);
       return 0;
     }
-    relay = new Relay({ postgresUrl: server.url, relayGroupId: "default", logger, metricsAddr });
+    relay = new Relay({ postgresUrl: server.url, relayGroupId: "default", logger, metricsAddr, registry: new PluginRegistry(builtinPlugins) });
     await relay.start();
     const address = `${metricsAddr.replace(/:\d+$/, "")}:${relay.httpPort}`;
     writeStdout(

@@ -4,6 +4,7 @@
 import { dirname } from "node:path";
 import { loadManifest, type Manifest } from "../core/manifest.ts";
 import { PluginRegistry } from "../core/plugins.ts";
+import { builtinPlugins } from "../plugins/registry.ts";
 import type { FlagSpec } from "./args.ts";
 
 export const CONFIG_FLAG: FlagSpec = {
@@ -24,7 +25,7 @@ export interface Loaded {
  * replaces a built-in type only when the manifest says `override = true` for it.
  */
 export async function loadConfig(path: string | undefined): Promise<Loaded> {
-  const registry = new PluginRegistry();
+  const registry = new PluginRegistry(builtinPlugins);
   if (!path) return { registry };
   const manifest = await loadManifest(path);
   for (const [name, file] of Object.entries(manifest.plugins)) {

@@ -1,9 +1,9 @@
 // `pg-tide plugins`: the sink and source types this relay knows (built-in and drop-in), with a
 // summary and an example config for each.
 
-import { z } from "zod";
 import { ConfigError } from "../core/errors.ts";
 import type { PluginDefinition } from "../core/plugin.ts";
+import { type ConfigJsonSchema, configJsonSchema } from "../core/plugins.ts";
 import { redactConfig } from "../core/redact.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags } from "./args.ts";
@@ -72,31 +72,16 @@ interface Option {
 
 /** Every key of a plugin's config, read from its zod schema (other Standard Schemas do not say). */
 function optionsOf(plugin: PluginDefinition): Option[] | undefined {
-  if (!("_zod" in (plugin.config as object))) return undefined;
-  let schema: { properties?: Record<string, JsonSchema>; required?: string[] };
-  try {
-    schema = z.toJSONSchema(plugin.config as unknown as z.ZodType, { unrepresentable: "any", io: "input" }) as typeof schema;
-  } catch {
-    return undefined;
-  }
+  const schema = configJsonSchema(plugin);
+  if (schema === undefined) return undefined;
   const required = new Set(schema.required ?? []);
   return Object.entries(schema.properties ?? {}).map(([key, property]) => ({
     key, type: typeText(property), required: required.has(key), default: property.default,
   }));
 }
 
-interface JsonSchema {
-  type?: string | string[];
-  const?: unknown;
-  enum?: unknown[];
-  anyOf?: JsonSchema[];
-  items?: JsonSchema;
-  properties?: Record<string, JsonSchema>;
-  default?: unknown;
-}
-
 /** A JSON Schema type as one short phrase: `string`, `"all" | -1 | 1`, `array of string`, `object`. */
-function typeText(s: JsonSchema): string {
+function typeText(s: ConfigJsonSchema): string {
   if (s.const !== undefined) return JSON.stringify(s.const);
   if (s.enum) return s.enum.map((v) => JSON.stringify(v)).join(" | ");
   if (s.anyOf) return [...new Set(s.anyOf.map(typeText))].join(" | ");

@@ -1,11 +1,14 @@
-// `pg-tide status`: pipelines, owners, health, lag and DLQ depth, read from the catalog, and the
-// consumer groups no pipeline reads (they keep their waiting messages from the retention sweep).
+// `pg-tide status`: pipelines, owners, health, lag and DLQ depth, read from the catalog, the
+// consumer groups no pipeline reads (they keep their waiting messages from the retention sweep), and
+// the replication slots of tables captured from the WAL.
 
 import { ConfigError } from "../core/errors.ts";
 import { connect, verifyConnection } from "../core/db.ts";
 import { redactText } from "../core/redact.ts";
 import { writeStdout } from "../core/runtime.ts";
-import { pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "../core/status.ts";
+import {
+  pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups, walSlotStatus, type WalSlotStatus,
+} from "../core/status.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 import { CONFIG_FLAG, loadConfig } from "./manifest_flags.ts";
 import { columns } from "./table.ts";
@@ -25,7 +28,8 @@ export const STATUS_HELP = formatHelp(
     "version the owner runs (\"v2 (v3 pending)\" while it restarts with a change), the last success\n" +
     "and the last error with its time (\"past:\" once the pipeline recovered);\n" +
     "then the consumer groups no pipeline reads that have messages waiting, which the retention sweep\n" +
-    "keeps until they are read or the group is dropped.",
+    "keeps until they are read or the group is dropped; then the tables captured from the WAL with\n" +
+    "their slot's state (streaming, not read, over limit, paused, dropped, missing, lost) and lag.",
   FLAGS,
 );
 
@@ -50,10 +54,11 @@ export async function statusCommand(args: string[]): Promise<number> {
     const rows = await pipelineStatus(sql, flags["relay-group-id"]!);
     for (const row of rows) if (row.last_error) row.last_error = redactText(row.last_error);
     const unread = await unreadConsumerGroups(sql);
+    const slots = await walSlotStatus(sql);
     writeStdout(
       flags.output === "json"
-        ? JSON.stringify({ pipelines: rows, unread_consumer_groups: unread }, null, 2) + "\n"
-        : table(rows) + unreadTable(unread),
+        ? JSON.stringify({ pipelines: rows, unread_consumer_groups: unread, wal_captures: slots }, null, 2) + "\n"
+        : table(rows) + unreadTable(unread) + walTable(slots),
     );
     return 0;
   } finally {
@@ -89,6 +94,16 @@ function unreadTable(groups: UnreadConsumerGroup[]): string {
     "application reads them or the group is dropped\n" +
     columns(header, groups.map((g) => [g.outbox, g.group, g.relay_group_id, String(g.lag), g.position_moved_at.toISOString(),
       `SELECT tide.drop_consumer_group(${quote(g.group)}, ${quote(g.outbox)});`]));
+}
+
+// A slot holds the server's WAL until a relay confirms past it; paused and dropped say why.
+function walTable(slots: WalSlotStatus[]): string {
+  if (slots.length === 0) return "";
+  const header = ["TABLE", "OUTBOX", "SLOT", "STATE", "LAG BYTES", "LIMIT", "CONFIRMED", "WHY"];
+  return "\ntables captured from the WAL\n" +
+    columns(header, slots.map((s) => [s.table, s.outbox, s.slot, s.state, s.lag_bytes === null ? "" : String(s.lag_bytes),
+      `${s.lag_limit_bytes}, then ${s.on_lag_limit}`, `${Math.round(s.confirmed_age_seconds)} s ago`,
+      s.state_reason ? `${s.state_reason}${s.state_at ? ` at ${s.state_at.toISOString()}` : ""}` : ""]));
 }
 
 function quote(name: string): string {

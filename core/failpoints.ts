@@ -87,8 +87,27 @@ export async function failpoint(name: FailpointName): Promise<void> {
   }
 }
 
-/** Whether a failpoint is configured (the worker only splits a batch when partial-publish is). */
+/** Whether a failpoint is configured (a batch is only split when partial-publish is). */
 export function failpointEnabled(name: FailpointName): boolean {
   if (active === undefined) loadFailpoints();
   return active!.has(name);
+}
+
+/**
+ * A forward batch handed to `publish` (the sink), then forward.after-publish. With
+ * forward.after-partial-publish set, the batch goes out in two halves with that failpoint between
+ * them (a crash after the sink took part of it). The sink's failures for the whole batch.
+ */
+export async function publishThroughFailpoints<M, F>(publish: (batch: M[]) => Promise<F[]>, pending: M[]): Promise<F[]> {
+  if (!failpointEnabled("forward.after-partial-publish") || pending.length < 2) {
+    const failures = await publish(pending);
+    await failpoint("forward.after-publish");
+    return failures;
+  }
+  const half = Math.ceil(pending.length / 2);
+  const first = await publish(pending.slice(0, half));
+  await failpoint("forward.after-partial-publish");
+  const second = await publish(pending.slice(half));
+  await failpoint("forward.after-publish");
+  return [...first, ...second];
 }

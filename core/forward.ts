@@ -15,10 +15,10 @@
 // or aborted.
 
 import type { Sql } from "./db.ts";
-import type { IdleProbe } from "./idle_probe.ts";
-import { backoffDelay, sleep, TIMED_OUT, Wakeup, within, type BackoffPolicy } from "./backoff.ts";
-import { failpoint, failpointEnabled, type FailpointName } from "./failpoints.ts";
-import { handled } from "./runtime.ts";
+import { waitForWork, type IdleProbe } from "./idle_probe.ts";
+import { backoffDelay, sleep, Wakeup, type BackoffPolicy } from "./backoff.ts";
+import { connectPlugin, drainAndClose } from "./worker_lifecycle.ts";
+import { failpoint, publishThroughFailpoints, type FailpointName } from "./failpoints.ts";
 import { ConfigError } from "./errors.ts";
 import type { FilterFn } from "./filter.ts";
 import type { Formatter } from "./wire_format.ts";
@@ -26,30 +26,15 @@ import type { RelayEvents } from "./events.ts";
 import { WorkerStatus } from "./worker_status.ts";
 import type { Logger } from "./log.ts";
 import type { OutboxMessage, SinkInstance } from "./plugin.ts";
+import type { PipelineRow } from "./pipeline.ts";
+import type { RetryPolicy } from "./engine_config.ts";
 import { preparePipeline } from "./pipeline_config.ts";
-import { redactText } from "./redact.ts";
 import { pluginContext, type PluginRegistry } from "./plugins.ts";
-import { parseJson } from "./json.ts";
-import { outboxMessage } from "./message.ts";
-import { DEFAULT_LANE_KEY, laneCount, laneGroup, laneKeyText, laneOf, ownershipUnit, type LaneKey } from "./lanes.ts";
-
-export interface PipelineRow {
-  name: string;
-  direction: "forward" | "reverse";
-  outbox_name: string | null;
-  consumer_group: string | null;
-  inbox_name: string | null;
-  plugin_type: string;
-  config: Record<string, any>;
-  batch_size: number;
-  enabled: boolean;
-  idempotent: boolean;
-  /** Bumped by every catalog change to the row; the owner records the version it runs. */
-  config_version: bigint;
-  updated_at: Date;
-}
-
-export { WorkerStatus } from "./worker_status.ts";
+import { laneCount, laneGroup, laneKeyText, laneOf, ownershipUnit, type LaneKey } from "./lanes.ts";
+import { matchFilter, maxBatchSize, nextLimit, sortFailures, type Batch, type DeadLetter, type Fence, type Parked } from "./forward_batch.ts";
+import { ConsumerGroup, LanesRefused } from "./consumer_group.ts";
+import { HeldKeys } from "./poison.ts";
+import { commitWithDeadLetters, redeliverRequeued } from "./dead_letters.ts";
 
 export interface ForwardOptions {
   sql: Sql;
@@ -70,30 +55,6 @@ export interface ForwardOptions {
 /** Retrying a failed read or acknowledgement: the database is back within a second of its return. */
 export const DATABASE_RETRY: BackoffPolicy = { initialMs: 100, maxMs: 1_000 };
 
-/** What a batch was read under: tide.consumer_commit refuses an acknowledgement when any has moved. */
-interface Fence {
-  /** consumer_groups.owner_epoch this worker claimed when it took the pipeline over. */
-  ownerEpoch: bigint;
-  intervalSeq: bigint;
-  readCursor: bigint;
-  generation: bigint;
-}
-
-/** A batch as read, with its fence. */
-interface Batch {
-  messages: OutboxMessage[];
-  fence: Fence;
-}
-
-/** 0: retry a transiently failing message until it is delivered (webhooks: "until 2xx"). */
-export const DEFAULT_MAX_ATTEMPTS = 0;
-
-/**
- * How long a worker that the probe watches waits before reading by itself anyway: a safety net, not
- * the way it learns of new messages (the probe, or a NOTIFY, wakes it at once).
- */
-const PROBED_WAIT_MS = 60_000;
-
 export class ForwardWorker {
   readonly status: WorkerStatus;
   readonly #row: PipelineRow;
@@ -108,8 +69,10 @@ export class ForwardWorker {
   #filter: FilterFn | undefined;
   #format: Formatter | undefined;
   #loop: Promise<void> | undefined;
-  #retry: BackoffPolicy & { maxAttempts: number };
-  #pauseOnFailure: boolean;
+  /** The pipeline's retry, on_failure and poll_interval_ms, set from its checked config by start(). */
+  #retry!: RetryPolicy;
+  #pauseOnFailure = false;
+  #pollIntervalMs: number | undefined;
   #fence: Fence | undefined;
   #ownerEpoch: bigint | undefined;
   /** Set when ownership is in doubt: nothing is acknowledged any more. */
@@ -120,7 +83,7 @@ export class ForwardWorker {
   #busyAt = 0;
   /** What the last acknowledgement read after it (consumer_commit_read): a batch, null for nothing. */
   #readWithAck: Batch | null | undefined;
-  /** How many messages the next read asks for: batch_size, grown while a backlog lasts (#nextLimit). */
+  /** How many messages the next read asks for: batch_size, grown while a backlog lasts (nextLimit). */
   #limit: number;
   /** The most #limit grows to: max_batch_size, or batch_size when the sink does not grow batches. */
   #maxLimit: number;
@@ -129,13 +92,13 @@ export class ForwardWorker {
   readonly lanes: number;
   /** The pipeline's own consumer group (lane 0's), from whose position the other lanes start. */
   readonly #baseGroup: string;
-  #laneKey: LaneKey = { root: "headers", path: ["key"], text: DEFAULT_LANE_KEY };
+  #laneKey!: LaneKey;
   /** isolate_poison: a failing message and its key's later messages are parked (tide.relay_held). */
   #isolate = false;
-  /** Keys with parked messages (loaded at takeover): a message of one is parked behind them. */
-  #heldKeys: Set<string> | undefined;
-  /** When the oldest parked message of some key is due for its next attempt (Date.now()). */
-  #heldDueAt = Infinity;
+  /** The keys with parked messages, and when the next one is due for a retry. */
+  readonly #held: HeldKeys;
+  /** The statements on this worker's consumer group (the lane's). */
+  readonly #group: ConsumerGroup;
 
   constructor(row: PipelineRow, options: ForwardOptions) {
     this.lanes = laneCount(row.config);
@@ -146,14 +109,9 @@ export class ForwardWorker {
     this.#options = options;
     this.#log = options.logger.child(this.lanes > 1 ? { pipeline: row.name, lane: this.lane } : { pipeline: row.name });
     this.status = new WorkerStatus(row.name, "forward", this.#log, options.events);
-    const retry = row.config.retry ?? {};
-    this.#retry = {
-      initialMs: retry.initial_backoff_ms ?? 200,
-      maxMs: retry.max_backoff_ms ?? 30_000,
-      maxAttempts: retry.max_attempts ?? DEFAULT_MAX_ATTEMPTS,
-    };
-    this.#pauseOnFailure = row.config.on_failure === "pause";
     this.#limit = this.#maxLimit = row.batch_size;
+    this.#held = new HeldKeys(options.sql, { pipeline: row.name, group: options.relayGroupId, lane: this.lane }, this.status, this.#log, options.events);
+    this.#group = new ConsumerGroup(options.sql, this.#row.outbox_name!, this.#row.consumer_group!, options.relayGroupId);
   }
 
   get name(): string {
@@ -176,23 +134,21 @@ export class ForwardWorker {
   /** Validates and builds the sink (no I/O), then starts the delivery loop. */
   async start(): Promise<void> {
     const prepared = await preparePipeline(this.#row, this.#options.registry);
+    const engine = prepared.engine;
+    if (prepared.definition.kind !== "sink" || engine.direction !== "forward") throw new ConfigError(`pipeline "${this.#row.name}": not a sink`);
     this.#filter = prepared.filter;
     this.#format = prepared.format;
-    if (prepared.lanes) this.#laneKey = prepared.lanes.key;
-    this.#isolate = prepared.isolatePoison === true;
+    this.#laneKey = engine.lanes.key;
+    this.#isolate = engine.isolatePoison;
+    this.#retry = engine.retry;
+    this.#pauseOnFailure = engine.onFailure === "pause";
+    this.#pollIntervalMs = engine.pollIntervalMs;
     const ctx = {
       ...pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl),
       relayGroupId: this.#options.relayGroupId,
       failpoint: (name: string) => failpoint(name as FailpointName),
     };
-    if (prepared.definition.kind !== "sink") throw new ConfigError(`pipeline "${this.#row.name}": not a sink`);
-    const { batch_size: batchSize, config } = this.#row;
-    const max: number = config.max_batch_size ?? (prepared.definition.growBatches ? Math.max(batchSize, GROWN_BATCH_SIZE) : batchSize);
-    if (max < batchSize) {
-      throw new ConfigError(`pipeline "${this.#row.name}": 'max_batch_size' (${max}) is below its batch_size (${batchSize}); ` +
-        `raise it, or leave it out to read batch_size messages at a time`);
-    }
-    this.#maxLimit = max;
+    this.#maxLimit = maxBatchSize(this.#row.name, this.#row.batch_size, engine.maxBatchSize, prepared.definition.growBatches);
     this.#sink = prepared.definition.create(prepared.pluginConfig, ctx);
     this.#loop = this.#run();
   }
@@ -222,22 +178,12 @@ export class ForwardWorker {
    */
   async stop(drainMs = 10_000): Promise<void> {
     this.#stopping.abort();
-    const timer = setTimeout(() => this.#abort.abort(), drainMs);
-    try {
-      if ((await within(this.#loop ?? Promise.resolve(), drainMs + ABANDON_MS)) === TIMED_OUT) {
-        this.#log.warn("the sink did not stop when aborted; its batch is left unacknowledged", { abandoned_after_ms: drainMs + ABANDON_MS });
-      }
-    } finally {
-      clearTimeout(timer);
-      this.#abort.abort();
-      const closing = this.#sink?.close().catch((error) => this.#log.warn("closing the sink failed", { error }));
-      if (closing && (await within(closing, ABANDON_MS)) === TIMED_OUT) this.#log.warn("closing the sink did not finish; left behind");
-    }
+    await drainAndClose(this.#loop, this.#abort, drainMs, () => this.#sink?.close(), "sink", this.#log);
   }
 
   async #run(): Promise<void> {
     const stop = this.#stopping.signal;
-    await this.#connect();
+    await connectPlugin(() => this.#sink!.connect(), "sink", this.status, this.#retry, stop);
     // The batch after the one just acknowledged, read while that one was being delivered or with its
     // acknowledgement; null when that read found nothing, undefined when there was none.
     let ahead: Promise<Batch | null | undefined> | undefined;
@@ -250,23 +196,20 @@ export class ForwardWorker {
             throw error;
           });
         }
-        const { relayGroupId } = this.#options;
-        const { outbox_name: outbox, consumer_group: group } = this.#row;
         if (this.#ownerEpoch === undefined) {
           // The lanes' groups start together from lane 0's position (refused when the pipeline ran
           // with another number of lanes), then taking the lane over: from now on a former owner's
           // acknowledgements are refused.
-          await this.#ensureLanes();
-          const [{ epoch }] = await this.#options.sql<{ epoch: bigint }[]>`
-            SELECT tide.consumer_claim(${outbox}, ${group}, ${relayGroupId}) AS epoch`;
-          this.#ownerEpoch = epoch;
+          await this.#group.ensureLanes(this.#baseGroup, this.lanes, this.#row.name);
+          this.#ownerEpoch = await this.#group.claim();
         }
-        if (this.#isolate && (this.#heldKeys === undefined || Date.now() >= this.#heldDueAt)) await this.#retryHeld();
+        if (this.#isolate && this.#held.due()) {
+          await this.#held.retry(this.#sink!, this.#format, this.#retry, () => this.#fenced || stop.aborted,
+            () => this.#fenced || this.#abort.signal.aborted);
+        }
         const readBefore = await ahead;
         ahead = undefined;
-        const batch = readBefore !== undefined ? readBefore : this.#batchOf(await this.#options.sql<FencedRow[]>`
-          SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-            FROM tide.consumer_read_batch(${outbox}, ${group}, ${this.#limit}, ${relayGroupId}, p_durable := false)`);
+        const batch = readBefore !== undefined ? readBefore : await this.#group.read(this.#limit, this.#ownerEpoch);
         this.#databaseFailures = 0;
         if (!batch) {
           await this.#idle();
@@ -278,7 +221,7 @@ export class ForwardWorker {
         // A full batch may have a next one in the same interval: read it (a larger one while a
         // backlog lasts) while the sink publishes. Otherwise the acknowledgement reads the next batch.
         const full = batch.messages.length >= this.#limit;
-        this.#limit = this.#nextLimit(batch.messages, full);
+        this.#limit = nextLimit(batch.messages, full, this.#limit, this.#maxLimit, this.#row.batch_size);
         const next = full ? this.#readAhead(batch) : undefined;
         this.#readWithAck = undefined;
         // Not delivered (stopping, paused or refused): the batch stays unacknowledged, and the batch
@@ -306,38 +249,12 @@ export class ForwardWorker {
    * the read fails: the loop then reads again after the acknowledgement.
    */
   async #readAhead(batch: Batch): Promise<Batch | undefined> {
-    const { outbox_name: outbox, consumer_group: group } = this.#row;
-    const limit = this.#limit;
-    const { intervalSeq, generation } = batch.fence;
-    const last = batch.messages[batch.messages.length - 1].id;
     try {
-      return this.#batchOf(await this.#options.sql<FencedRow[]>`
-        SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-          FROM tide.consumer_read_ahead(${outbox}, ${group}, ${limit}, ${this.#options.relayGroupId}, ${intervalSeq}, ${generation}, ${last})`);
+      return await this.#group.readAhead(batch, this.#limit, this.#ownerEpoch!);
     } catch (error) {
       this.#log.debug("reading ahead failed; reading after the acknowledgement instead", { error });
       return undefined;
     }
-  }
-
-  /**
-   * The read limit after `batch`: doubled after a full batch, up to #maxLimit and as long as the
-   * next batch would stay under GROWN_BATCH_BYTES of payload; back to batch_size once a batch is
-   * not full (the backlog is gone: small batches keep latency low).
-   */
-  #nextLimit(batch: OutboxMessage[], full: boolean): number {
-    let bytes = 0;
-    for (const message of batch) bytes += message.payloadText.length;
-    handled(bytes);
-    if (!full) return this.#row.batch_size;
-    if (this.#limit >= this.#maxLimit) return this.#limit;
-    return bytes * 2 <= GROWN_BATCH_BYTES ? Math.min(this.#limit * 2, this.#maxLimit) : this.#limit;
-  }
-
-  #batchOf(rows: FencedRow[]): Batch | undefined {
-    if (rows.length === 0 || rows[0].id === null) return undefined;
-    const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
-    return { messages: rows.map(toMessage), fence: { ownerEpoch: this.#ownerEpoch!, intervalSeq, readCursor, generation } };
   }
 
   /**
@@ -346,37 +263,14 @@ export class ForwardWorker {
    * interval), a NOTIFY wakes it, or it is stopped. Without a probe, poll at the poll interval.
    */
   async #idle(): Promise<void> {
-    const pollMs = this.#row.config.poll_interval_ms ?? this.#options.pollIntervalMs;
-    const probe = this.#options.probe;
+    const pollMs = this.#pollIntervalMs ?? this.#options.pollIntervalMs;
+    const watch = { outbox: this.#row.outbox_name!, group: this.#row.consumer_group!, pollMs, busyAt: this.#busyAt };
     this.status.waiting = true;
-    const unwatch = probe?.watch({
-      outbox: this.#row.outbox_name!,
-      group: this.#row.consumer_group!,
-      pollMs,
-      busyAt: this.#busyAt,
-      wake: () => this.#wakeup.set(),
-    });
     try {
       // Parked messages due for a retry end the wait too.
-      const heldMs = Math.max(0, this.#heldDueAt - Date.now());
-      await this.#wakeup.wait(Math.min(probe ? Math.max(pollMs, PROBED_WAIT_MS) : pollMs, heldMs), this.#stopping.signal);
+      await waitForWork(this.#options.probe, watch, this.#wakeup, this.#held.dueAt, this.#stopping.signal);
     } finally {
-      unwatch?.();
       this.status.waiting = false;
-    }
-  }
-
-  async #connect(): Promise<void> {
-    const stop = this.#stopping.signal;
-    while (!stop.aborted) {
-      try {
-        await this.#sink!.connect();
-        this.status.succeed();
-        return;
-      } catch (error) {
-        this.status.fail(error, "connecting the sink failed");
-        await sleep(this.status.retryDelay(this.#retry), stop);
-      }
     }
   }
 
@@ -389,27 +283,19 @@ export class ForwardWorker {
     const stop = this.#stopping.signal;
     // Other lanes' messages are skipped like filtered ones: the position moves past them.
     const mine = this.lanes > 1 ? batch.filter((m) => laneOf(m, this.#laneKey, this.lanes) === this.lane) : batch;
-    const { matching, undecided } = this.#filter ? this.#matches(mine) : { matching: mine, undecided: [] };
+    const { matching, undecided } = this.#filter
+      ? matchFilter(this.#filter, mine, (error) => this.status.filterFailed(error)) : { matching: mine, undecided: [] };
     const formatted = this.#format ? matching.map(this.#format) : matching;
     const attempts = new Map<bigint, number>();
     const dead: DeadLetter[] = [...undecided];
     // isolate_poison: messages of keys with parked messages are parked behind them, unsent.
     const keys = this.#isolate ? new Map(matching.map((m) => [m.id, laneKeyText(m, this.#laneKey) ?? ""])) : undefined;
-    const parked: Parked[] = [];
-    let passing = formatted;
-    if (keys && this.#heldKeys?.size) {
-      passing = [];
-      for (const message of formatted) {
-        const key = keys.get(message.id)!;
-        if (this.#heldKeys.has(key)) parked.push({ message, key, error: null, attempts: 0 });
-        else passing.push(message);
-      }
-    }
+    const { passing, parked } = keys ? this.#held.split(formatted, keys) : { passing: formatted, parked: [] as Parked[] };
     let pending = passing;
     while (pending.length > 0) {
       let failures;
       try {
-        failures = await this.#publish(pending);
+        failures = await publishThroughFailpoints((messages: OutboxMessage[]) => this.#sink!.publish(messages), pending);
       } catch (error) {
         // The whole batch failed (target down): keep it in the outbox and retry without a budget.
         this.status.fail(error, "delivery failed", { batch: pending.length });
@@ -419,41 +305,7 @@ export class ForwardWorker {
         continue;
       }
       if (this.#abort.signal.aborted) return false; // cut off: the batch stays unacknowledged
-      const failed = new Map(failures.map((f) => [f.id, f]));
-      // An outage, not a bad message: every message tried failed, none went through, and each may
-      // succeed later (connection errors, 5xx, timeouts). It is retried like a thrown error, without
-      // spending anyone's attempts. A message spends its attempts only when it fails while others in
-      // the same call succeed, when the target refused it (DeliveryFailure.refused), or when its
-      // failure is permanent.
-      const tried = pending.filter((m) => !failed.get(m.id)?.heldBack);
-      const outage = tried.length > 0 && tried.every((m) => failed.get(m.id)?.retriable && !failed.get(m.id)?.refused);
-      const retry: OutboxMessage[] = [];
-      for (const message of pending) {
-        const failure = failed.get(message.id);
-        if (!failure) continue;
-        if (failure.heldBack || (outage && failure.retriable)) {
-          retry.push(message); // not tried, or tried during an outage: no attempt spent
-          continue;
-        }
-        const count = (attempts.get(message.id) ?? 0) + 1;
-        attempts.set(message.id, count);
-        const budgetSpent = this.#retry.maxAttempts > 0 && count >= this.#retry.maxAttempts;
-        if (!failure.retriable || budgetSpent) {
-          dead.push({ message, error: failure.error.message, attempts: count });
-        } else if (keys) {
-          // A message of its own that keeps failing: parked, with its key's later messages below.
-          parked.push({ message, key: keys.get(message.id)!, error: failure.error.message, attempts: count });
-        } else {
-          retry.push(message);
-        }
-      }
-      if (keys && parked.length > 0) {
-        const parkedKeys = new Set(parked.map((p) => p.key));
-        for (const message of retry.splice(0)) {
-          if (parkedKeys.has(keys.get(message.id)!)) parked.push({ message, key: keys.get(message.id)!, error: null, attempts: 0 });
-          else retry.push(message);
-        }
-      }
+      const { retry, outage } = sortFailures(pending, failures, keys, this.#retry.maxAttempts, { attempts, dead, parked });
       if (dead.length > 0 && this.#pauseOnFailure) {
         // The position stops right before the message: everything earlier in the batch is
         // acknowledged, and the pipeline waits for its config to change (or to be stopped).
@@ -489,24 +341,6 @@ export class ForwardWorker {
   }
 
   /**
-   * Sink failures for a batch. With the forward.after-partial-publish failpoint set, the batch goes
-   * out in two halves with the failpoint between them (a crash after the sink took part of it).
-   */
-  async #publish(pending: OutboxMessage[]) {
-    if (!failpointEnabled("forward.after-partial-publish") || pending.length < 2) {
-      const failures = await this.#sink!.publish(pending);
-      await failpoint("forward.after-publish");
-      return failures;
-    }
-    const half = Math.ceil(pending.length / 2);
-    const first = await this.#sink!.publish(pending.slice(0, half));
-    await failpoint("forward.after-partial-publish");
-    const second = await this.#sink!.publish(pending.slice(half));
-    await failpoint("forward.after-publish");
-    return [...first, ...second];
-  }
-
-  /**
    * Dead-letters `dead` and moves the position past `batch` in one transaction, unless the worker
    * was fenced or aborted, or the commit is refused as stale. True when the position moved. With
    * `readNext` and no dead letters, the same round trip reads the next batch into #readWithAck.
@@ -517,17 +351,14 @@ export class ForwardWorker {
     const fence = this.#fence!;
     await failpoint("forward.before-commit");
     if (this.#fenced || this.#abort.signal.aborted) return false;
-    // p_durable := false: the commit does not wait for a disk flush; only a crash of the server can
-    // then take the position back a little, and what it covered is delivered again (sql/002).
-    const commit = (sql: Sql) => sql<{ moved: boolean }[]>`
-      SELECT tide.consumer_commit(${this.#row.outbox_name}, ${this.#row.consumer_group}, ${last}, ${batch.length},
-                                  ${this.#options.relayGroupId}, ${fence.generation}, ${fence.intervalSeq},
-                                  ${fence.readCursor}, ${fence.ownerEpoch}, p_durable := false) AS moved`;
+    const commit = (sql: Sql) => this.#group.commit(sql, last, batch.length, fence);
     // Without dead letters the commit is one statement, one round trip (reading the next batch too
-    // when asked); with them, one transaction.
-    const moved = dead.length > 0 || parked.length > 0 ? await this.#commitWithDeadLetters(commit, dead, parked)
+    // when asked); with them (and parked messages), one transaction: both are recorded, or neither.
+    const owner = { pipeline: this.#row.name, relayGroupId: this.#options.relayGroupId, lane: this.lane };
+    const moved = dead.length > 0 || parked.length > 0
+      ? await commitWithDeadLetters(this.#options.sql, commit, owner, dead, parked, () => this.#fenced || this.#abort.signal.aborted)
       : readNext ? await this.#commitAndRead(last, batch.length, fence)
-      : (await commit(this.#options.sql))[0].moved;
+      : await commit(this.#options.sql);
     if (!moved) {
       this.#log.warn("stale acknowledgement refused: the position moved since this batch was read " +
         "(a rewind, or another relay delivered it); reading again from the current position", {
@@ -538,16 +369,7 @@ export class ForwardWorker {
       return false;
     }
     await failpoint("forward.after-commit");
-    if (parked.length > 0) {
-      for (const { key } of parked) this.#heldKeys?.add(key);
-      this.#heldDueAt = Math.min(this.#heldDueAt, Date.now() + backoffDelay(1, this.#retry));
-      const keys = [...new Set(parked.filter((p) => p.error !== null).map((p) => p.key))];
-      if (keys.length > 0) {
-        this.#log.warn("messages that keep failing are parked with their key's later ones; other keys flow on", {
-          keys: keys.length, parked: parked.length, first_error: parked.find((p) => p.error !== null)?.error,
-        });
-      }
-    }
+    this.#held.parked(parked, this.#retry);
     if (dead.length > 0) {
       this.status.deadLettered += dead.length;
       this.#options.events?.deadLettered?.(this.#row.name, dead.length);
@@ -556,201 +378,17 @@ export class ForwardWorker {
     return true;
   }
 
-  /** The commit and the dead letters in one transaction: both are recorded, or neither. */
-  #commitWithDeadLetters(commit: (sql: Sql) => Promise<{ moved: boolean }[]>, dead: DeadLetter[], parked: Parked[] = []): Promise<boolean> {
-    return this.#options.sql.begin(async (tx) => {
-      const [{ moved }] = await commit(tx as unknown as Sql);
-      if (!moved) return false; // nothing of this batch is recorded: the dead letters neither
-      if (this.#fenced || this.#abort.signal.aborted) throw new Fenced();
-      for (const entry of dead) {
-        // A target that echoes the request (headers included) would put credentials in the error.
-        await tx`SELECT tide.relay_dlq_add(${this.#row.name}, ${entry.message.id}, ${redactText(entry.error)}, ${entry.attempts})`;
-      }
-      for (const entry of parked) {
-        await tx`SELECT tide.relay_hold(${this.#row.name}, ${this.#options.relayGroupId}, ${this.lane}, ${entry.key}, ${entry.message.id},
-                                        ${entry.error === null ? null : redactText(entry.error)}, ${entry.attempts})`;
-      }
-      return true;
-    }).catch((error) => {
-      if (error instanceof Fenced) return false;
-      throw error;
-    });
-  }
-
-  /** The commit, and when it moved the position, the read of the next batch: one round trip. */
+  /** The commit, and when it moved the position, the read of the next batch into #readWithAck: one round trip. */
   async #commitAndRead(last: bigint, count: number, fence: Fence): Promise<boolean> {
-    const { outbox_name: outbox, consumer_group: group } = this.#row;
-    const limit = this.#limit;
-    const rows = await this.#options.sql<(FencedRow & { moved: boolean })[]>`
-      SELECT moved, id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-        FROM tide.consumer_commit_read(${outbox}, ${group}, ${last}, ${count}, ${this.#options.relayGroupId}, ${fence.generation},
-                                       ${fence.intervalSeq}, ${fence.readCursor}, ${fence.ownerEpoch}, ${limit}, p_durable := false)`;
-    if (!rows[0].moved) return false;
-    this.#readWithAck = this.#batchOf(rows) ?? null;
+    const next = await this.#group.commitAndRead(last, count, fence, this.#limit, this.#ownerEpoch!);
+    if (next === undefined) return false;
+    this.#readWithAck = next;
     return true;
   }
 
-  /**
-   * Creates the lanes' consumer groups (all at once, at lane 0's position) when they do not exist yet.
-   * A pipeline that ran with another number of lanes is refused with the reason (its last_error).
-   */
-  async #ensureLanes(): Promise<void> {
-    try {
-      await this.#options.sql`
-        SELECT tide.consumer_lanes_ensure(${this.#row.outbox_name}, ${this.#baseGroup}, ${this.lanes}, ${this.#options.relayGroupId})`;
-    } catch (error) {
-      const { code, message, hint } = error as { code?: string; message: string; hint?: string };
-      if (code !== "55000") throw error;
-      throw new LanesRefused(`pipeline "${this.#row.name}": ${message}${hint ? `; ${hint}` : ""}`);
-    }
-  }
-
-  /**
-   * isolate_poison: retries the oldest parked message of every key that is due, one key at a time
-   * in message order; a key whose message went through (or was dead-lettered after
-   * retry.max_attempts) goes on with its next one at once, and is released once none is left. Then
-   * reloads which keys are parked and when the next retry is due.
-   */
-  async #retryHeld(): Promise<void> {
-    const { sql, relayGroupId } = this.#options;
-    const where = { pipeline: this.#row.name, group: relayGroupId, lane: this.lane };
-    for (let progress = true; progress && !this.#fenced && !this.#stopping.signal.aborted;) {
-      progress = false;
-      const due = await sql<(MessageRow & { key: string; attempts: number })[]>`
-        SELECT * FROM (
-          SELECT DISTINCT ON (key) key, message_id AS id, outbox_name AS outbox, topic, payload::text AS payload,
-                 headers::text AS headers, coalesce(message_created_at, held_at) AS created_at, attempts, next_attempt_at
-            FROM tide.relay_held
-           WHERE pipeline = ${where.pipeline} AND relay_group_id = ${where.group} AND lane = ${where.lane}
-           ORDER BY key, message_id) oldest
-         WHERE next_attempt_at <= now()`;
-      for (const row of due) {
-        if (this.#fenced || this.#abort.signal.aborted) return;
-        const message = toMessage(row);
-        let failure;
-        try {
-          [failure] = await this.#sink!.publish([this.#format ? this.#format(message) : message]);
-        } catch (error) {
-          this.status.fail(error, "retrying a parked message failed; the target looks down");
-          break; // an outage spends no attempt: tried again when due
-        }
-        if (this.#fenced || this.#abort.signal.aborted) return;
-        const attempts = row.attempts + 1;
-        const dead = failure !== undefined && (!failure.retriable || (this.#retry.maxAttempts > 0 && attempts >= this.#retry.maxAttempts));
-        const retryAt = new Date(Date.now() + backoffDelay(attempts, this.#retry));
-        await sql`SELECT tide.relay_held_settle(${where.pipeline}, ${where.group}, ${where.lane}, ${row.id},
-                                                ${failure ? redactText(failure.error.message) : null}, ${retryAt}, ${dead})`;
-        if (!failure) this.status.delivered += 1;
-        if (dead) {
-          this.status.deadLettered += 1;
-          this.#options.events?.deadLettered?.(this.#row.name, 1);
-          this.#log.warn("a parked message moved to the dead-letter queue; its key goes on", { id: String(row.id), attempts });
-        }
-        progress ||= !failure || dead;
-      }
-    }
-    const [state] = await sql<{ keys: string[]; due: Date | null }[]>`
-      SELECT coalesce(array_agg(DISTINCT key), '{}') AS keys, min(next_attempt_at) AS due FROM tide.relay_held
-       WHERE pipeline = ${where.pipeline} AND relay_group_id = ${where.group} AND lane = ${where.lane}`;
-    this.#heldKeys = new Set(state.keys);
-    this.#heldDueAt = state.due === null ? Infinity : new Date(state.due).getTime();
-  }
-
-  /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more. */
+  /** Dead letters an operator requeued (tide.relay_dlq_requeue) are delivered once more, by lane 0. */
   async #redeliverRequeued(): Promise<void> {
-    if (this.lane !== 0) return; // lane 0 redelivers a pipeline's requeued dead letters
-    const rows = await this.#options.sql<(MessageRow & { dlq_id: bigint })[]>`
-      SELECT id AS dlq_id, message_id AS id, outbox_name AS outbox, topic, payload::text AS payload, headers::text AS headers,
-             coalesce(message_created_at, failed_at) AS created_at
-        FROM tide.relay_dlq WHERE pipeline = ${this.#row.name} AND status = 'requeued' ORDER BY id LIMIT 1000`;
-    if (rows.length === 0) return;
-    const messages = rows.map(toMessage);
-    const failures = await this.#sink!.publish(this.#format ? messages.map(this.#format) : messages);
-    const failed = new Set(failures.map((f) => f.id));
-    const done = rows.filter((row) => !failed.has(row.id)).map((row) => String(row.dlq_id));
-    const again = rows.filter((row) => failed.has(row.id)).map((row) => String(row.dlq_id));
-    const sql = this.#options.sql;
-    await sql`UPDATE tide.relay_dlq SET status = 'redelivered', updated_at = now() WHERE id = ANY(${sql.array(done)}::bigint[])`;
-    await sql`UPDATE tide.relay_dlq SET status = 'open', attempts = attempts + 1, updated_at = now()
-               WHERE id = ANY(${sql.array(again)}::bigint[])`;
-    this.#log.info("requeued dead letters delivered", { delivered: done.length, failed: again.length });
+    if (this.lane === 0) await redeliverRequeued(this.#options.sql, this.#row.name, this.#sink!, this.#format, this.#log);
   }
-
-  /**
-   * The messages of `batch` that pass the filter, and those it could not decide on (a missing field,
-   * a non-bool result). Each undecided one is counted (metric, last_error) and skipped, or, with
-   * transform.on_error = "dead_letter", returned to be dead-lettered with the batch's acknowledgement
-   * (one transaction: read again after a crash, it is decided again, never recorded twice).
-   */
-  #matches(batch: OutboxMessage[]): { matching: OutboxMessage[]; undecided: DeadLetter[] } {
-    const filter = this.#filter!;
-    const matching: OutboxMessage[] = [];
-    const undecided: DeadLetter[] = [];
-    for (const message of batch) {
-      const { match, error } = filter.evaluate({ payload: message.payload, headers: message.headers, topic: message.topic, op: message.op });
-      if (match) matching.push(message);
-      if (!error) continue;
-      this.status.filterFailed(error);
-      if (filter.errorPolicy === "dead_letter") undecided.push({ message, error: error.message, attempts: 1 });
-    }
-    return { matching, undecided };
-  }
-
 }
 
-/** A message parked with its key (isolate_poison): the failing one with its error, later ones with none. */
-interface Parked {
-  message: OutboxMessage;
-  key: string;
-  error: string | null;
-  attempts: number;
-}
-
-/** A message on its way to the dead-letter queue, with why and after how many attempts. */
-interface DeadLetter {
-  message: OutboxMessage;
-  error: string;
-  attempts: number;
-}
-
-/**
- * A message as read: payload and headers as the text PostgreSQL produced (`::text`), never through
- * the driver's JSON.parse, which would round big numbers to the nearest double.
- */
-/** A row of consumer_read_batch or consumer_read_ahead: a message with the fence it was read under. */
-type FencedRow = MessageRow & { interval_seq: bigint; read_cursor: bigint; generation: bigint };
-
-interface MessageRow {
-  id: bigint;
-  outbox: string;
-  topic: string | null;
-  payload: string;
-  headers: string | null;
-  created_at: Date;
-}
-
-export function toMessage(row: MessageRow): OutboxMessage {
-  const headers = row.headers === null || row.headers === "{}" ? {} : (parseJson(row.headers) as Record<string, unknown>);
-  return outboxMessage({
-    id: row.id,
-    outbox: row.outbox,
-    topic: row.topic,
-    payloadText: row.payload,
-    headers,
-    createdAt: row.created_at,
-  });
-}
-
-/** The pipeline's lane groups were made for another number of lanes: tide.consumer_lanes_ensure refused. */
-class LanesRefused extends Error {}
-
-/** Thrown inside the commit transaction to roll it back when the worker was fenced meanwhile. */
-class Fenced extends Error {}
-
-/** The default max_batch_size of a sink that grows batches (growBatches). */
-const GROWN_BATCH_SIZE = 1000;
-/** A batch grows only while it would stay under this much payload text. */
-const GROWN_BATCH_BYTES = 2 * 1024 * 1024;
-
-/** How long a sink gets to react to an abort (or to close) before the worker stops waiting for it. */
-const ABANDON_MS = 5_000;

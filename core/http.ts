@@ -11,7 +11,9 @@ import type { Logger } from "./log.ts";
 import type { InboxCounts, RelayMetrics } from "./metrics.ts";
 import { INGEST_PREFIX, type RouteTable } from "./routes.ts";
 import { redactText } from "./redact.ts";
-import { errorIsPast, pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups } from "./status.ts";
+import {
+  errorIsPast, pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups, walSlotStatus, type WalSlotStatus,
+} from "./status.ts";
 import { renderStatusPage } from "./status_page.ts";
 
 export interface HttpDeps {
@@ -91,9 +93,12 @@ export function createHttpApp(deps: HttpDeps): Hono {
     let pipelines: ApiPipeline[] = [];
     let inboxes: InboxCounts[] = [];
     let unreadGroups: UnreadConsumerGroup[] = [];
+    let walSlots: WalSlotStatus[] = [];
     let error: string | undefined;
     try {
-      [pipelines, inboxes, unreadGroups] = await Promise.all([apiPipelines(deps), inboxCounts(deps.sql), unreadConsumerGroups(deps.sql)]);
+      [pipelines, inboxes, unreadGroups, walSlots] = await Promise.all([
+        apiPipelines(deps), inboxCounts(deps.sql), unreadConsumerGroups(deps.sql), walSlotStatus(deps.sql),
+      ]);
     } catch (caught) {
       error = redactText(toError(caught).message);
     }
@@ -103,6 +108,7 @@ export function createHttpApp(deps: HttpDeps): Hono {
       pipelines,
       inboxes,
       unreadGroups,
+      walSlots,
       error,
       actionsEnabled: deps.auth !== undefined,
       notice: c.req.query("notice"),

@@ -8,6 +8,7 @@
 import type { Sql } from "./db.ts";
 import { toError } from "./errors.ts";
 import type { Logger } from "./log.ts";
+import type { Wakeup } from "./backoff.ts";
 
 /** How often a pipeline that was busy a moment ago is checked. */
 export const PROBE_MIN_INTERVAL_MS = 2;
@@ -18,6 +19,12 @@ export const PROBE_MIN_INTERVAL_MS = 2;
  * about 2 % of that spell more than with NOTIFY.
  */
 export const PROBE_BACKOFF_RATIO = 50;
+
+/**
+ * How long a pipeline that the probe watches waits before reading by itself anyway: a safety net, not
+ * the way it learns of new messages (the probe, or a NOTIFY, wakes it at once).
+ */
+const PROBED_WAIT_MS = 60_000;
 
 /** A waiting pipeline, as the probe sees it. */
 export interface ProbeWatch {
@@ -114,5 +121,21 @@ export class IdleProbe {
       this.#probing = false;
       this.#schedule();
     }
+  }
+}
+
+/**
+ * A pipeline with nothing to read waits until `probe` finds something for it, `wakeup` is set (a
+ * NOTIFY, or the probe), `dueAt` (Date.now(): a parked message due for a retry) comes, or `signal`
+ * aborts. Without a probe, it polls at its poll interval.
+ */
+export async function waitForWork(probe: IdleProbe | undefined, watch: Omit<ProbeWatch, "wake">, wakeup: Wakeup, dueAt: number,
+  signal: AbortSignal): Promise<void> {
+  const unwatch = probe?.watch({ ...watch, wake: () => wakeup.set() });
+  try {
+    const dueMs = Math.max(0, dueAt - Date.now());
+    await wakeup.wait(Math.min(probe ? Math.max(watch.pollMs, PROBED_WAIT_MS) : watch.pollMs, dueMs), signal);
+  } finally {
+    unwatch?.();
   }
 }

@@ -8,6 +8,8 @@ import type { Sql } from "./db.ts";
 import { ConfigError, toError } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { ManifestPipeline } from "./manifest.ts";
+import type { PluginDefinition } from "./plugin.ts";
+import { registerPluginTypes } from "./plugins.ts";
 
 export async function syncManifestPipelines(sql: Sql, pipelines: ManifestPipeline[], logger: Logger): Promise<number> {
   let changed = 0;
@@ -28,13 +30,13 @@ export async function syncManifestPipelines(sql: Sql, pipelines: ManifestPipelin
 export async function manifestPipelineProblems(
   sql: Sql,
   pipelines: ManifestPipeline[],
-  pluginTypes: { type: string; kind: string }[],
+  plugins: PluginDefinition[],
 ): Promise<Map<string, string>> {
   const problems = new Map<string, string>();
   const quiet: Logger = { debug() {}, info() {}, warn() {}, error() {}, child() { return quiet; } } as unknown as Logger;
   await sql.begin(async (tx) => {
     // As the relay does before it syncs: the catalog then knows the drop-ins' types.
-    for (const { type, kind } of pluginTypes) await tx`SELECT tide.register_plugin_type(${type}, ${kind})`;
+    await registerPluginTypes(tx as unknown as Sql, plugins);
     for (const p of pipelines) {
       try {
         await tx.savepoint((sp) => syncOne(sp as unknown as Sql, p, quiet));

@@ -236,22 +236,3 @@ export interface SourceDefinition<Config = any> extends DefinitionBase<Config> {
 }
 
 export type PluginDefinition<Config = any> = SinkDefinition<Config> | SourceDefinition<Config>;
-
-/** Keys a forward pipeline config may carry that belong to the engine; they are removed before the sink sees the config. */
-export const ENGINE_CONFIG_KEYS = [
-  "sink_type",
-  "source_type",
-  "consumer_group",
-  "batch_size",
-  "max_batch_size",
-  "poll_interval_ms",
-  "visibility_timeout_ms",
-  "auto_offset_reset",
-  "transform",
-  "retry",
-  "on_failure",
-  "wire_format",
-  "lanes",
-  "lane_key",
-  "isolate_poison",
-] as const;

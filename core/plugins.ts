@@ -6,8 +6,8 @@
 
 import { isAbsolute, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
+import type { Sql } from "./db.ts";
 import { z } from "zod";
-import { builtinPlugins } from "../plugins/registry.ts";
 import { ConfigError, PluginError, pluginErrors } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { HttpRoutes, PluginContext, PluginDefinition, PluginKind, PluginKit } from "./plugin.ts";
@@ -28,7 +28,8 @@ export interface DropIn {
 export class PluginRegistry {
   readonly #plugins = new Map<string, { definition: PluginDefinition; origin: PluginOrigin; replaced: boolean }>();
 
-  constructor(definitions: PluginDefinition[] = builtinPlugins) {
+  /** `definitions`: the built-in plugins (plugins/registry.ts), handed in by the CLI so core imports no plugin. */
+  constructor(definitions: PluginDefinition[]) {
     for (const definition of definitions) this.add(definition, "built-in");
   }
 
@@ -122,6 +123,54 @@ export async function validatePluginConfig(definition: PluginDefinition, config:
   return result.value;
 }
 
+/** A JSON Schema, as far as tide reads one: a config's keys and which of them are required. */
+export interface ConfigJsonSchema {
+  type?: string | string[];
+  const?: unknown;
+  enum?: unknown[];
+  items?: ConfigJsonSchema;
+  properties?: Record<string, ConfigJsonSchema>;
+  required?: string[];
+  anyOf?: ConfigJsonSchema[];
+  oneOf?: ConfigJsonSchema[];
+  allOf?: ConfigJsonSchema[];
+  default?: unknown;
+}
+
+/** The JSON Schema of what a plugin's config accepts, read from its zod schema (other Standard Schemas do not say). */
+export function configJsonSchema(definition: PluginDefinition): ConfigJsonSchema | undefined {
+  if (!("_zod" in (definition.config as object))) return undefined;
+  try {
+    return z.toJSONSchema(definition.config as unknown as z.ZodType, { unrepresentable: "any", io: "input" }) as ConfigJsonSchema;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The keys a plugin's config must have, as tide.plugin_types.required_keys states them for the
+ * catalog: groups of which a config must hold at least one key each, e.g. [["url"], ["topic",
+ * "topic_template"]]. Derived from the config schema (its `required`, and `anyOf`/`oneOf` branches
+ * that require keys, as keyOrInstead in plugins/shared.ts states them), so the catalog never asks
+ * for more than the plugin does; a schema without a JSON Schema gives [] and the catalog checks no keys.
+ */
+export function requiredKeysOf(definition: PluginDefinition): string[][] {
+  const schema = configJsonSchema(definition);
+  return schema === undefined ? [] : keyGroups(schema);
+}
+
+/**
+ * Writes every loaded type's required keys into the catalog (built-in and drop-in alike), so that
+ * tide.relay_set_outbox / relay_set_inbox accept the types this relay runs and check what their
+ * schemas require.
+ */
+export async function registerPluginTypes(sql: Sql, definitions: PluginDefinition[]): Promise<void> {
+  for (const definition of definitions) {
+    const keys = JSON.stringify(requiredKeysOf(definition));
+    await sql`SELECT tide.register_plugin_type(${definition.type}, ${definition.kind}, ${keys}::text::jsonb)`;
+  }
+}
+
 export function pluginContext(
   pipeline: string,
   logger: Logger,
@@ -152,4 +201,19 @@ function checkDefinition(definition: PluginDefinition, origin: string): void {
   if (typeof definition.config?.["~standard"]?.validate !== "function") problems.push("'config' must be a Standard Schema");
   if (typeof definition.summary !== "string") problems.push("'summary' must be a string");
   if (problems.length) throw new PluginError(`${origin}: invalid plugin definition: ${problems.join("; ")}`);
+}
+
+function keyGroups(schema: ConfigJsonSchema): string[][] {
+  const groups = (schema.required ?? []).map((key) => [key]);
+  for (const part of schema.allOf ?? []) groups.push(...keyGroups(part));
+  for (const branches of [schema.anyOf, schema.oneOf]) {
+    if (!branches?.length) continue;
+    // (a and b) or c holds exactly when (a or c) and (b or c): one group per choice of a key from
+    // each branch. A branch that requires nothing makes no key required.
+    let choices: string[][] = [[]];
+    for (const branch of branches) choices = choices.flatMap((choice) => (branch.required ?? []).map((key) => [...choice, key]));
+    groups.push(...choices.map((choice) => [...new Set(choice)]));
+  }
+  const seen = new Set<string>();
+  return groups.filter((group) => !seen.has(JSON.stringify(group)) && seen.add(JSON.stringify(group)));
 }

@@ -7,6 +7,7 @@ import { hostname } from "node:os";
 import { Coordinator, DEFAULT_OWNERSHIP_LEASE_MS } from "./coordinator.ts";
 import { loadFailpoints } from "./failpoints.ts";
 import { connect, type Sql, verifyConnection } from "./db.ts";
+import { TIMED_OUT, within } from "./backoff.ts";
 import { ConfigError, toError } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import { combineEvents, type RelayEvents } from "./events.ts";
@@ -16,7 +17,7 @@ import type { ManifestPipeline } from "./manifest.ts";
 import { syncManifestPipelines } from "./manifest_sync.ts";
 import { RelayMetrics } from "./metrics.ts";
 import { RouteTable } from "./routes.ts";
-import { PluginRegistry } from "./plugins.ts";
+import { PluginRegistry, registerPluginTypes } from "./plugins.ts";
 import { type HttpServer, serve } from "./runtime.ts";
 import { SCHEMA_VERSION, schemaVersion } from "./schema.ts";
 import { SpanExporter } from "./trace_export.ts";
@@ -26,7 +27,8 @@ export interface RelayOptions {
   postgresUrl: string;
   relayGroupId: string;
   logger: Logger;
-  registry?: PluginRegistry;
+  /** The plugins pipelines may name: the built-in ones (plugins/registry.ts) and the manifest's drop-ins. */
+  registry: PluginRegistry;
   maxPipelines?: number;
   pollIntervalMs?: number;
   reconcileIntervalMs?: number;
@@ -55,6 +57,10 @@ export const DEFAULT_LAG_CHECKPOINT_INTERVAL_MS = 10_000;
 /** Per call of tide.retention_sweep, and calls per sweep: short transactions, never a long lock. */
 const SWEEP_BATCH = 5_000;
 const SWEEP_ROUNDS = 10;
+/** How long a stop waits for a running retention sweep or lag checkpoint. */
+const CHORE_STOP_MS = 5_000;
+/** How long a stop waits for the database connections to close before it leaves them. */
+const CLOSE_GRACE_MS = 1_000;
 
 export class Relay {
   readonly relayId = `${hostname()}:${process.pid}`;
@@ -68,6 +74,7 @@ export class Relay {
   #lagCheckpointTimer: ReturnType<typeof setInterval> | undefined;
   /** The chore still running from an earlier tick: a tick never starts a second one beside it. */
   readonly #running = new Set<string>();
+  readonly #chores = new Set<Promise<void>>();
   #server: HttpServer | undefined;
   readonly #spans: SpanExporter | undefined;
   /** Readers of the tables captured from the WAL (tide.capture_table(..., p_mode => 'wal')). */
@@ -75,7 +82,7 @@ export class Relay {
 
   constructor(options: RelayOptions) {
     this.#options = options;
-    this.registry = options.registry ?? new PluginRegistry();
+    this.registry = options.registry;
     const ownershipLeaseMs = options.ownershipLeaseMs ?? DEFAULT_OWNERSHIP_LEASE_MS;
     this.#spans = options.otlpEndpoint
       ? new SpanExporter({ endpoint: options.otlpEndpoint, logger: options.logger, relayId: this.relayId, relayGroupId: options.relayGroupId })
@@ -162,11 +169,18 @@ export class Relay {
     await this.coordinator.stop();
     await this.#spans?.stop();
     await this.#server?.stop();
-    await this.sql.end({ timeout: 5 });
+    await within(Promise.all(this.#chores), CHORE_STOP_MS);
+    // Nothing of ours runs now. A connection the database dropped can still hold end() up: postgres.js
+    // keeps the failed query on it and waits for it until the timeout (porsager/postgres#1097), so a
+    // stop after the database went away would take the whole timeout. Give live connections a moment
+    // to close; leave the rest to the timeout (in-process) or to the exit (the CLI).
+    if ((await within(this.sql.end({ timeout: 5 }), CLOSE_GRACE_MS)) === TIMED_OUT) {
+      this.#options.logger.warn(`database connections did not close within ${CLOSE_GRACE_MS} ms (the database dropped them, or a query still runs); not waiting for them`);
+    }
     this.#options.logger.info("relay stopped");
   }
 
-  /** Drop-in plugin types must be in the catalog before pipelines can name them. */
+  /** Drop-in plugin types must be in the catalog before pipelines can name them; each type's required keys come from its schema. */
   async #registerPluginTypes(): Promise<void> {
     for (const { kind, type, plugin, file, version } of this.registry.dropIns()) {
       this.#options.logger.info(`loaded plugin "${plugin}": ${kind} "${type}"${version ? ` ${version}` : ""} from ${file}`, { plugin, kind, type, file, version });
@@ -174,9 +188,7 @@ export class Relay {
     for (const { kind, type, plugin } of this.registry.replaced()) {
       this.#options.logger.warn(`plugin "${plugin}" replaces the built-in ${kind} "${type}" (override = true in the manifest)`);
     }
-    for (const definition of this.registry.all()) {
-      await this.sql`SELECT tide.register_plugin_type(${definition.type}, ${definition.kind})`;
-    }
+    await registerPluginTypes(this.sql, this.registry.all());
   }
 
   #serve(address: string): void {
@@ -244,12 +256,13 @@ export class Relay {
   async #chore(name: string, run: () => Promise<void>): Promise<void> {
     if (this.#running.has(name)) return;
     this.#running.add(name);
+    const chore = run().catch((error) => this.#options.logger.warn(`${name} failed`, { error: toError(error) }));
+    this.#chores.add(chore);
     try {
-      await run();
-    } catch (error) {
-      this.#options.logger.warn(`${name} failed`, { error: toError(error) });
+      await chore;
     } finally {
       this.#running.delete(name);
+      this.#chores.delete(chore);
     }
   }
 

@@ -5,13 +5,14 @@
 // whose relay no longer holds the pipeline's lock, leaves the message unacknowledged for the source
 // to deliver again to the new owner (where the inbox deduplicates it).
 
-import { sleep, TIMED_OUT, within, type BackoffPolicy } from "./backoff.ts";
+import { sleep, type BackoffPolicy } from "./backoff.ts";
+import { connectPlugin, drainAndClose } from "./worker_lifecycle.ts";
 import { failpoint } from "./failpoints.ts";
 import type { Sql } from "./db.ts";
 import { ConfigError, toError } from "./errors.ts";
 import { boundEventId } from "./event_id.ts";
 import type { FilterFn } from "./filter.ts";
-import type { PipelineRow } from "./forward.ts";
+import type { PipelineRow } from "./pipeline.ts";
 import { WorkerStatus } from "./worker_status.ts";
 import type { RelayEvents } from "./events.ts";
 import type { Logger } from "./log.ts";
@@ -45,7 +46,8 @@ export class ReverseWorker {
   #fenced = false;
   /** True while waiting in source.read(): no batch is in flight then. */
   #reading = false;
-  #retry: BackoffPolicy;
+  /** The pipeline's retry backoff, from its checked config (start()). */
+  #retry!: BackoffPolicy;
   #source: SourceInstance | undefined;
   #filter: FilterFn | undefined;
   #eventIdTemplate: ((message: OutboxMessage) => string) | undefined;
@@ -57,8 +59,6 @@ export class ReverseWorker {
     this.#options = options;
     this.#log = options.logger.child({ pipeline: row.name });
     this.status = new WorkerStatus(row.name, "reverse", this.#log, options.events);
-    const retry = row.config.retry ?? {};
-    this.#retry = { initialMs: retry.initial_backoff_ms ?? 200, maxMs: retry.max_backoff_ms ?? 30_000 };
   }
 
   get name(): string {
@@ -75,7 +75,10 @@ export class ReverseWorker {
 
   async start(): Promise<void> {
     const prepared = await preparePipeline(this.#row, this.#options.registry);
-    if (prepared.definition.kind !== "source") throw new ConfigError(`pipeline "${this.#row.name}": not a source`);
+    if (prepared.definition.kind !== "source" || prepared.engine.direction !== "reverse") {
+      throw new ConfigError(`pipeline "${this.#row.name}": not a source`);
+    }
+    this.#retry = prepared.engine.retry;
     this.#filter = prepared.filter;
     this.#eventIdTemplate = prepared.eventId;
     const ctx = pluginContext(this.#row.name, this.#log, this.#abort.signal, this.#row.batch_size, this.#options.postgresUrl, this.#options.http);
@@ -102,31 +105,12 @@ export class ReverseWorker {
     this.#stopping.abort();
     // Waiting for a batch holds nothing in flight: the source may stop at once.
     if (this.#reading) this.#abort.abort();
-    const timer = setTimeout(() => this.#abort.abort(), drainMs);
-    try {
-      if ((await within(this.#loop ?? Promise.resolve(), drainMs + ABANDON_MS)) === TIMED_OUT) {
-        this.#log.warn("the source did not stop when aborted; its batch is left unacknowledged", { abandoned_after_ms: drainMs + ABANDON_MS });
-      }
-    } finally {
-      clearTimeout(timer);
-      this.#abort.abort();
-      const closing = this.#source?.close().catch((error) => this.#log.warn("closing the source failed", { error }));
-      if (closing && (await within(closing, ABANDON_MS)) === TIMED_OUT) this.#log.warn("closing the source did not finish; left behind");
-    }
+    await drainAndClose(this.#loop, this.#abort, drainMs, () => this.#source?.close(), "source", this.#log);
   }
 
   async #run(): Promise<void> {
     const stop = this.#stopping.signal;
-    while (!stop.aborted) {
-      try {
-        await this.#source!.connect();
-        this.status.succeed();
-        break;
-      } catch (error) {
-        this.status.fail(error, "connecting the source failed");
-        await sleep(this.status.retryDelay(this.#retry), stop);
-      }
-    }
+    await connectPlugin(() => this.#source!.connect(), "source", this.status, this.#retry, stop);
     while (!stop.aborted) {
       let batch;
       try {
@@ -256,9 +240,6 @@ export class ReverseWorker {
   }
 
 }
-
-/** How long a source gets to react to an abort (or to close) before the worker stops waiting for it. */
-const ABANDON_MS = 5_000;
 
 /** One inbox row on its way in: payload and headers as JSON text. */
 interface InboxRow {

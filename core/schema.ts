@@ -15,6 +15,8 @@ import m009 from "../sql/009_inbox_claims.sql" with { type: "text" };
 import m010 from "../sql/010_lanes.sql" with { type: "text" };
 import m011 from "../sql/011_console.sql" with { type: "text" };
 import m012 from "../sql/012_wal_capture.sql" with { type: "text" };
+import m013 from "../sql/013_relay_functions.sql" with { type: "text" };
+import m014 from "../sql/014_wal_slot_limit.sql" with { type: "text" };
 import { ConfigError } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
@@ -38,6 +40,8 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 10, name: "lanes", sql: m010 },
   { version: 11, name: "console", sql: m011 },
   { version: 12, name: "wal_capture", sql: m012 },
+  { version: 13, name: "relay_functions", sql: m013 },
+  { version: 14, name: "wal_slot_limit", sql: m014 },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1].version;

@@ -1,4 +1,5 @@
-// Pipeline status from the catalog: what `pg-tide status` prints and /api/v1/pipelines serves.
+// Pipeline status from the catalog (the tide.pipeline_status view, sql/013_relay_functions.sql): what
+// `pg-tide status` prints and /api/v1/pipelines serves.
 // Forward pipelines have a position (committed offset) and a lag in the outbox. Reverse pipelines
 // have neither on the tide side (their source keeps its own offsets), so they report how many
 // messages wait in their inbox for the application instead. Consumer groups that no pipeline reads
@@ -59,47 +60,52 @@ export interface UnreadConsumerGroup {
   position_moved_at: Date;
 }
 
-/** A heartbeat older than this means the owner is gone (the lock, not this, decides ownership). */
-export const OWNER_STALE_SECONDS = 30;
-
+/**
+ * The rows of tide.pipeline_status for one relay group: per pipeline and lane, the group's own row,
+ * or (when the group never ran that lane) the catalog's facts with no owner, health or position of
+ * its own. The view lists a lane that no relay group ran once, under no relay group, with the
+ * positions of the 'default' group.
+ */
 export async function pipelineStatus(sql: Sql, relayGroupId: string): Promise<PipelineStatus[]> {
   const rows = await sql`
-    SELECT p.name, p.direction, p.enabled, p.plugin_type, p.outbox_name AS outbox, p.inbox_name AS inbox,
-           tide.lane_group(p.consumer_group, l.lane, n.lanes) AS consumer_group, l.lane, n.lanes, s.owner_id AS owner,
-           coalesce(s.owner_id IS NOT NULL AND s.heartbeat_at > now() - make_interval(secs => ${OWNER_STALE_SECONDS}), false)
-             AS owner_alive,
-           s.heartbeat_at, s.healthy, s.last_error, s.last_error_at, s.last_success_at,
-           coalesce(s.retry_attempt, 0) AS retry_attempt, s.circuit,
-           p.config_version, s.config_version AS applied_version,
-           g.committed_offset, g.delivered_total,
-           CASE WHEN p.direction = 'forward' THEN
-             coalesce(tide.consumer_group_lag(p.outbox_name, tide.lane_group(p.consumer_group, l.lane, n.lanes), ${relayGroupId}),
-                      tide.consumer_group_lag(p.outbox_name, tide.lane_group(p.consumer_group, l.lane, n.lanes), 'default')) END AS lag,
-           (SELECT count(*) FROM tide.relay_dlq q WHERE q.pipeline = p.name AND q.status IN ('open', 'requeued')) AS dlq_depth,
-           (SELECT count(*) FROM tide.relay_held h
-             WHERE h.pipeline = p.name AND h.relay_group_id = ${relayGroupId} AND h.lane = l.lane) AS held,
-           CASE WHEN i.name IS NOT NULL THEN (SELECT count(*) FROM tide.inbox_pending(i.name)) END AS inbox_pending
-      FROM tide.relay_pipelines p
-     CROSS JOIN LATERAL (SELECT CASE p.direction WHEN 'forward' THEN tide.pipeline_lanes(p.config) ELSE 1 END AS lanes) n
-     CROSS JOIN LATERAL generate_series(0, n.lanes - 1) AS l(lane)
-      LEFT JOIN tide.inboxes i ON i.name = p.inbox_name
-      LEFT JOIN tide.relay_pipeline_state s ON s.pipeline = p.name AND s.relay_group_id = ${relayGroupId} AND s.lane = l.lane
-      LEFT JOIN tide.consumer_groups g
-        ON g.outbox_name = p.outbox_name AND g.group_name = tide.lane_group(p.consumer_group, l.lane, n.lanes)
-       AND g.relay_group_id = ${relayGroupId}
-     ORDER BY p.name, l.lane`;
-  return rows.map((row) => ({
-    ...(row as any),
-    error_is_past: errorIsPast(row.healthy),
-    config_version: Number(row.config_version),
-    applied_version: row.applied_version === null ? null : Number(row.applied_version),
-    committed_offset: row.committed_offset === null ? null : Number(row.committed_offset),
-    delivered_total: row.delivered_total === null ? null : Number(row.delivered_total),
-    lag: row.lag === null ? null : Number(row.lag),
-    inbox_pending: row.inbox_pending === null ? null : Number(row.inbox_pending),
-    dlq_depth: Number(row.dlq_depth),
-    held: Number(row.held),
-  }));
+    SELECT DISTINCT ON (pipeline, lane) *
+      FROM tide.pipeline_status
+     ORDER BY pipeline, lane, relay_group_id IS NOT DISTINCT FROM ${relayGroupId} DESC, relay_group_id IS NULL DESC`;
+  return rows.map((row) => {
+    const own = row.relay_group_id === relayGroupId;
+    const positions = own || (row.relay_group_id === null && relayGroupId === "default");
+    const lag = own || row.relay_group_id === null ? row.lag : null;
+    // In the order `pg-tide status --output json` has always printed them.
+    return {
+      name: row.pipeline,
+      direction: row.direction,
+      enabled: row.enabled,
+      plugin_type: row.plugin_type,
+      outbox: row.outbox,
+      inbox: row.inbox,
+      consumer_group: row.consumer_group,
+      lane: row.lane,
+      lanes: row.lanes,
+      owner: own ? row.owner_id : null,
+      owner_alive: own && row.owner_alive,
+      heartbeat_at: own ? row.heartbeat_at : null,
+      healthy: own ? row.healthy : null,
+      last_error: own ? row.last_error : null,
+      last_error_at: own ? row.last_error_at : null,
+      last_success_at: own ? row.last_success_at : null,
+      retry_attempt: own ? row.retry_attempt ?? 0 : 0,
+      circuit: own ? row.circuit : null,
+      config_version: Number(row.config_version),
+      applied_version: own && row.applied_config_version !== null ? Number(row.applied_config_version) : null,
+      committed_offset: positions && row.committed_offset !== null ? Number(row.committed_offset) : null,
+      delivered_total: positions && row.delivered_total !== null ? Number(row.delivered_total) : null,
+      lag: lag === null ? null : Number(lag),
+      dlq_depth: Number(row.dlq_depth),
+      held: own ? Number(row.held) : 0,
+      inbox_pending: row.inbox_pending === null ? null : Number(row.inbox_pending),
+      error_is_past: errorIsPast(own ? row.healthy : null),
+    };
+  });
 }
 
 export async function unreadConsumerGroups(sql: Sql): Promise<UnreadConsumerGroup[]> {
@@ -120,4 +126,41 @@ export async function unreadConsumerGroups(sql: Sql): Promise<UnreadConsumerGrou
  */
 export function errorIsPast(healthy: boolean | null): boolean {
   return healthy !== false;
+}
+
+/** A row of tide.wal_capture_status: a table captured from the WAL and its replication slot's health. */
+export interface WalSlotStatus {
+  table: string;
+  outbox: string;
+  slot: string;
+  /** streaming, not read, over limit, paused, dropped, missing or lost (sql/014_wal_slot_limit.sql). */
+  state: string;
+  /** Why and since when it is paused or dropped. */
+  state_reason: string | null;
+  state_at: Date | null;
+  /** WAL written since the position last confirmed (null: the slot is gone). */
+  lag_bytes: number | null;
+  lag_limit_bytes: number;
+  on_lag_limit: string;
+  /** Seconds since a relay last confirmed a position of the slot. */
+  confirmed_age_seconds: number;
+}
+
+export async function walSlotStatus(sql: Sql): Promise<WalSlotStatus[]> {
+  const rows = await sql`
+    SELECT table_name, outbox_name, slot_name, state, state_reason, state_at, lag_bytes, lag_warn_bytes, on_lag_limit,
+           extract(epoch FROM confirmed_age)::float8 AS confirmed_age_seconds
+      FROM tide.wal_capture_status ORDER BY table_name, outbox_name`;
+  return rows.map((row) => ({
+    table: row.table_name,
+    outbox: row.outbox_name,
+    slot: row.slot_name,
+    state: row.state,
+    state_reason: row.state_reason,
+    state_at: row.state_at,
+    lag_bytes: row.lag_bytes === null ? null : Number(row.lag_bytes),
+    lag_limit_bytes: Number(row.lag_warn_bytes),
+    on_lag_limit: row.on_lag_limit,
+    confirmed_age_seconds: Number(row.confirmed_age_seconds),
+  }));
 }

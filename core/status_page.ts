@@ -5,7 +5,7 @@
 
 import type { ApiPipeline } from "./http.ts";
 import { HISTORY_STEP_MS, type InboxCounts } from "./metrics.ts";
-import type { UnreadConsumerGroup } from "./status.ts";
+import type { UnreadConsumerGroup, WalSlotStatus } from "./status.ts";
 
 export interface StatusPageData {
   relayId: string;
@@ -15,6 +15,8 @@ export interface StatusPageData {
   inboxes?: InboxCounts[];
   /** Consumer groups no pipeline reads, with messages waiting (tide.unread_consumer_groups). */
   unreadGroups?: UnreadConsumerGroup[];
+  /** Tables captured from the WAL and their slots (tide.wal_capture_status); left out when there is none. */
+  walSlots?: WalSlotStatus[];
   error?: string;
   /** The relay has an HTTP token, so the page offers its actions (pause, resume, replay). */
   actionsEnabled?: boolean;
@@ -52,6 +54,7 @@ const STYLE = `
   h1 { font-size: 1.4rem; margin: 0 0 .25rem; }
   nav { margin: .25rem 0; } nav a { color: #1a73e8; }
   .meta { color: #5b6775; margin-bottom: 1.5rem; }
+  .lane { color: #5b6775; font-size: 0.85em; }
   table { border-collapse: collapse; width: 100%; }
   th, td { text-align: left; padding: .45rem .6rem; border-bottom: 1px solid #e3e7ec; vertical-align: top; }
   th { background: #f5f7f9; font-weight: 600; }
@@ -76,7 +79,8 @@ export const REFRESH_SECONDS = 5;
 export function renderStatusPage(data: StatusPageData): string {
   const actions = data.actionsEnabled === true;
   const rows = data.pipelines.map((p) => renderRow(p, actions)).join("\n");
-  const charts = data.pipelines.filter((p) => p.history.length > 0).map(renderCharts).join("\n");
+  // Throughput and history are the pipeline's (all its lanes): one set of charts per pipeline.
+  const charts = data.pipelines.filter((p) => p.lane === 0 && p.history.length > 0).map(renderCharts).join("\n");
   return layout({
     title: "pg-tide status",
     relayId: data.relayId,
@@ -94,6 +98,7 @@ ${rows || `<tr><td colspan="13" class="off">No pipelines yet: create one with ti
 </table>
 ${renderInboxes(data.inboxes ?? [], actions)}
 ${renderUnreadGroups(data.unreadGroups ?? [])}
+${renderWalSlots(data.walSlots ?? [])}
 <div class="charts">
 ${charts}
 </div>`,
@@ -113,10 +118,26 @@ function renderRow(p: ApiPipeline, actions: boolean): string {
     ? `<span class="ok">healthy</span>`
     : `<span class="off">no owner</span>`;
   const dlq = p.dlq_depth > 0 ? `<a href="/dlq?pipeline=${encodeURIComponent(p.name)}">${p.dlq_depth}</a>` : "0";
-  return `<tr data-pipeline="${esc(p.name)}"><td>${esc(p.name)}</td><td>${p.direction}</td><td>${esc(from)} → ${esc(to)}</td><td>${state}</td>
-<td>${esc(p.owner ?? "")}</td>${configCell(p)}<td class="num">${p.committed_offset ?? ""}</td>${lagCell(p)}<td class="num">${p.throughput_per_second}</td>
+  return `<tr data-pipeline="${esc(p.name)}"${p.lanes > 1 ? ` data-lane="${p.lane}"` : ""}><td>${esc(p.name)}${laneNote(p)}</td><td>${p.direction}</td><td>${esc(from)} → ${esc(to)}</td><td>${state}${heldNote(p)}</td>
+<td>${esc(p.owner ?? "")}</td>${configCell(p)}<td class="num">${p.committed_offset ?? ""}</td>${lagCell(p)}${throughputCell(p)}
 <td class="num">${dlq}</td>${errorCell(p)}<td class="when">${p.last_success_at ? timeAgo(p.last_success_at) : ""}</td>
 <td>${pauseForm(p, actions)}</td></tr>`;
+}
+
+// A pipeline with `lanes` has a row per lane: each its own owner, position and lag.
+function laneNote(p: ApiPipeline): string {
+  return p.lanes > 1 ? `<br><span class="lane" data-lane-note>lane ${p.lane + 1} of ${p.lanes}</span>` : "";
+}
+
+// isolate_poison: messages parked with their key, waiting for a retry, while other keys flow.
+function heldNote(p: ApiPipeline): string {
+  return p.held > 0 ? `<br><span class="bad" data-held="${p.held}">${p.held} held back with ${p.held === 1 ? "its key" : "their keys"}</span>` : "";
+}
+
+// Throughput counts every lane of the pipeline: shown once, on its first lane's row.
+function throughputCell(p: ApiPipeline): string {
+  if (p.lanes > 1 && p.lane > 0) return `<td class="num"></td>`;
+  return `<td class="num"${p.lanes > 1 ? ` title="all ${p.lanes} lanes"` : ""}>${p.throughput_per_second}</td>`;
 }
 
 // "v3" once the owner runs the catalog's version; "v2, v3 pending" while it restarts with it.
@@ -194,6 +215,45 @@ function renderUnreadGroups(groups: UnreadConsumerGroup[]): string {
 ${rows}
 </tbody>
 </table>`;
+}
+
+// A replication slot holds the server's WAL until a relay confirms past it: its lag is disk the
+// database cannot recycle. Paused and dropped captures say why and since when.
+function renderWalSlots(slots: WalSlotStatus[]): string {
+  if (slots.length === 0) return "";
+  const good = new Set(["streaming"]);
+  const rows = slots.map((s) => {
+    const css = good.has(s.state) ? "ok" : s.state === "not read" ? "off" : "bad";
+    const why = s.state_reason ? `<br><span class="past">${esc(s.state_reason)}${s.state_at ? ` ${timeAgo(s.state_at)}` : ""}</span>` : "";
+    return `<tr data-wal-slot="${esc(s.slot)}" data-state="${esc(s.state)}"><td>${esc(s.table)}</td><td>${esc(s.outbox)}</td><td><code>${esc(s.slot)}</code></td>
+<td><span class="${css}">${esc(s.state)}</span>${why}</td><td class="num" data-lag-bytes="${s.lag_bytes ?? ""}">${s.lag_bytes === null ? "" : bytes(s.lag_bytes)}</td>
+<td class="num">${bytes(s.lag_limit_bytes)}, then ${esc(s.on_lag_limit)}</td><td class="num">${ageOf(s.confirmed_age_seconds)} ago</td></tr>`;
+  }).join("\n");
+  return `<h2>WAL capture slots</h2>
+<p class="meta">The server keeps the WAL behind each slot until a relay has written it into the outbox and confirmed it.</p>
+<table id="wal-slots">
+<thead><tr><th>Table</th><th>Outbox</th><th>Slot</th><th>State</th><th class="num">Lag</th><th class="num">Limit</th><th class="num">Confirmed</th></tr></thead>
+<tbody>
+${rows}
+</tbody>
+</table>`;
+}
+
+/** 512 B, 3.4 KiB, 12.0 MiB, 1.2 GiB. */
+function bytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  const units = ["KiB", "MiB", "GiB", "TiB"];
+  let value = n / 1024;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(1)} ${units[unit]}`;
+}
+
+function ageOf(seconds: number): string {
+  return age(new Date(Date.now() - seconds * 1000));
 }
 
 /** "42 s", "7 min", "3 h", "2 d": how long ago `at` was. */

@@ -3,12 +3,20 @@
 // own replication connection), writes each source transaction's changes into the outbox in ONE
 // transaction of its own (tide.wal_capture_write, a chunk of rows at a time, so memory stays bounded
 // however large the source transaction), and only after that commit confirms the slot's position.
-// A crash before the commit loses nothing (the slot hands the transaction out again); a crash after
-// the commit and before the confirmation writes the transaction's messages a second time.
+// Source transactions already received behind the one at hand join its outbox transaction (up to
+// MAX_BATCHED_TRANSACTIONS): many small writes cost one write call and one commit, not one each.
+// A crash before the commit loses nothing (the slot hands the transactions out again); a crash after
+// the commit and before the confirmation writes their messages a second time.
 //
 // Only one relay reads a slot: PostgreSQL lets one replication session at a time stream a slot, so
 // the slot is its own lock. Other relays' attempts are refused ("active for PID") and retried at the
 // next reconcile, so a slot is taken over within a reconcile interval of its reader's death.
+//
+// A slot over its limit (tide.wal_capture_set_limit) is warned about, then, as the capture is
+// configured, paused (no relay reads it until tide.wal_capture_resume; the server keeps its WAL) or
+// dropped (its WAL is freed; changes from then on are lost to the capture). The decision is
+// tide.wal_capture_apply_limit's, which checks the lag again; every relay's reconcile asks it, so a
+// slot is handled while any relay runs, whichever relay reads it (or none does).
 //
 // Values are carried as the text pgoutput sends; tide.wal_capture_write turns them into the column
 // types and then JSON in SQL, so no value ever passes through a JS number.
@@ -38,15 +46,25 @@ export const DEFAULT_WAL_CHUNK_SIZE = 1_000;
 export const DEFAULT_WAL_HEARTBEAT_MS = 5_000;
 const CONFIRMED_AT_INTERVAL_MS = 5_000;
 const LAG_WARNING_INTERVAL_MS = 60_000;
+/** Source transactions at most in one outbox transaction (each source transaction is whole in one). */
+const MAX_BATCHED_TRANSACTIONS = 500;
 
+/** A row of tide.wal_capture_status, as the reconcile reads it. */
 interface SlotHealth {
   slot_name: string;
+  slot_exists: boolean;
   lag_bytes: bigint | null;
   confirmed_age_s: number;
   over_limit: boolean;
   lag_warn_bytes: bigint;
+  on_lag_limit: "warn" | "pause" | "drop";
+  /** streaming, not read, over limit, paused, dropped, missing or lost (sql/014_wal_slot_limit.sql). */
+  state: string;
   active: boolean;
 }
+
+/** The states of tide.wal_capture_status in which no relay reads the slot. */
+const NOT_READ_STATES = new Set(["paused", "dropped", "missing"]);
 
 /** Starts and stops the readers of the WAL captures in the catalog. */
 export class WalCaptures {
@@ -82,6 +100,16 @@ export class WalCaptures {
         for (const h of captures.#health) this.set({ slot: h.slot_name }, h.confirmed_age_s);
       },
     });
+    new client.Gauge({
+      name: "pg_tide_relay_wal_capture_state",
+      help: "1 for a WAL capture's state: streaming, not read, over limit, paused, dropped, missing or lost",
+      labelNames: ["slot", "state"],
+      registers,
+      collect() {
+        this.reset();
+        for (const h of captures.#health) this.set({ slot: h.slot_name, state: h.state }, 1);
+      },
+    });
   }
 
   start(): void {
@@ -106,10 +134,12 @@ export class WalCaptures {
     this.#ticking = true;
     try {
       const rows = await this.#options.sql<SlotHealth[]>`
-        SELECT slot_name, lag_bytes, extract(epoch FROM confirmed_age)::float8 AS confirmed_age_s, over_limit, lag_warn_bytes, active
-          FROM tide.wal_capture_status WHERE slot_exists`;
+        SELECT slot_name, slot_exists, lag_bytes, extract(epoch FROM confirmed_age)::float8 AS confirmed_age_s, over_limit,
+               lag_warn_bytes, on_lag_limit, state, active
+          FROM tide.wal_capture_status`;
+      for (const h of rows) if (h.state === "over limit") await this.#overLimit(h);
       this.#health = rows;
-      const wanted = new Set(rows.map((r) => r.slot_name));
+      const wanted = new Set(rows.filter((r) => r.slot_exists && !NOT_READ_STATES.has(r.state)).map((r) => r.slot_name));
       for (const [slot, reader] of this.#readers) {
         if (!wanted.has(slot) || reader.ended) {
           this.#readers.delete(slot);
@@ -122,22 +152,31 @@ export class WalCaptures {
         this.#readers.set(slot, reader);
         reader.run();
       }
-      for (const h of rows) {
-        if (!h.over_limit) continue;
-        const last = this.#lastWarning.get(h.slot_name) ?? 0;
-        if (Date.now() - last < LAG_WARNING_INTERVAL_MS) continue;
-        this.#lastWarning.set(h.slot_name, Date.now());
-        this.#options.logger.warn("WAL capture slot is behind: the server keeps its WAL until the relay catches up", {
-          slot: h.slot_name,
-          lag_bytes: String(h.lag_bytes),
-          limit_bytes: String(h.lag_warn_bytes),
-          active: h.active,
-        });
-      }
     } catch (error) {
       this.#options.logger.warn("WAL capture reconcile failed", { error: toError(error) });
     } finally {
       this.#ticking = false;
+    }
+  }
+
+  /** Warns (once a minute) about a slot over its limit, then applies its action (pause, drop). */
+  async #overLimit(h: SlotHealth): Promise<void> {
+    const { logger, sql } = this.#options;
+    const fields = { slot: h.slot_name, lag_bytes: String(h.lag_bytes), limit_bytes: String(h.lag_warn_bytes), active: h.active };
+    const last = this.#lastWarning.get(h.slot_name) ?? 0;
+    if (Date.now() - last >= LAG_WARNING_INTERVAL_MS) {
+      this.#lastWarning.set(h.slot_name, Date.now());
+      logger.warn("WAL capture slot is behind: the server keeps its WAL until the relay catches up", { ...fields, on_lag_limit: h.on_lag_limit });
+    }
+    if (h.on_lag_limit === "warn") return;
+    const [{ done }] = await sql<{ done: string | null }[]>`SELECT tide.wal_capture_apply_limit(${h.slot_name}) AS done`;
+    if (done === "pause") {
+      h.state = "paused";
+      logger.error("WAL capture paused: its slot passed its limit. No relay reads it until tide.wal_capture_resume; the server keeps its WAL meanwhile", fields);
+    } else if (done === "drop") {
+      h.state = "dropped";
+      h.slot_exists = false;
+      logger.error("WAL capture slot dropped: it passed its limit. Changes to the table are not captured until it is captured again (uncapture_table, capture_table, capture_backfill)", fields);
     }
   }
 }
@@ -152,8 +191,11 @@ class WalReader {
   readonly #service: LogicalReplicationService;
   readonly #plugin: PgoutputPlugin;
   #columns: Column[] = [];
-  /** The open source transaction: rows not yet written, and the outbox transaction they go into. */
-  #tx: { rows: Row[]; columns: Column[]; conn?: ReservedSql } | undefined;
+  /**
+   * The outbox transaction being built: rows not yet written, the connection it runs on, and how
+   * many source transactions it holds whole.
+   */
+  #tx: { rows: Row[]; columns: Column[]; conn?: ReservedSql; sources: number } | undefined;
   #confirmed = "0/0";
   #confirmedAtWritten = 0;
   #failed = false;
@@ -201,7 +243,7 @@ class WalReader {
     try {
       switch (message.tag) {
         case "begin":
-          this.#tx = { rows: [], columns: this.#columns };
+          this.#tx ??= { rows: [], columns: this.#columns, sources: 0 };
           return;
         case "relation":
           if (this.#tx?.rows.length) await this.#flush();
@@ -269,10 +311,14 @@ class WalReader {
   }
 
   async #commit(commitEndLsn: string): Promise<void> {
-    await this.#flush();
     const tx = this.#tx;
+    if (!tx) return;
+    tx.sources++;
+    // More received and waiting (the stream is paused while we work): it joins this outbox transaction.
+    if (this.#queued() > 0 && tx.sources < MAX_BATCHED_TRANSACTIONS) return;
+    await this.#flush();
     this.#tx = undefined;
-    if (tx?.conn) {
+    if (tx.conn) {
       try {
         await failpoint("wal.before-outbox-commit");
         await tx.conn.unsafe("COMMIT");
@@ -294,11 +340,16 @@ class WalReader {
     }
   }
 
+  /** Messages the library has received and not handed to #onMessage yet. */
+  #queued(): number {
+    return (this.#service as unknown as { _messageQueue: unknown[] })._messageQueue.length;
+  }
+
   /** A keepalive carries the position the server has sent up to: with nothing pending, confirm it. */
   #onKeepalive(lsn: string, respond: boolean): void {
     if (this.#failed) return;
-    const service = this.#service as unknown as { _messageQueue: unknown[]; _processing: boolean };
-    const idle = this.#tx === undefined && service._messageQueue.length === 0 && !service._processing;
+    const service = this.#service as unknown as { _processing: boolean };
+    const idle = this.#tx === undefined && this.#queued() === 0 && !service._processing;
     if (idle && lsnValue(lsn) > lsnValue(this.#confirmed)) void this.#confirm(lsn);
     else if (respond) void this.#service.acknowledge(this.#confirmed);
   }

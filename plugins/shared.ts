@@ -1,6 +1,7 @@
 // Small helpers the built-in plugins share. Plugins import nothing from the engine; this file is
 // theirs, so it may be imported by any of them (a drop-in plugin would carry its own copy).
 
+import type { z } from "zod";
 import type { OutboxMessage, PluginContext, RenderOptions } from "../core/plugin.ts";
 
 const rawJSON = (JSON as unknown as { rawJSON(text: string): unknown }).rawJSON;
@@ -26,6 +27,27 @@ export const PROBE_MESSAGE: OutboxMessage = {
  */
 export function payloadBody(message: OutboxMessage): string {
   return message.payloadText;
+}
+
+/**
+ * A config needs `key` unless it has `instead`, and never both: the one statement of such a pair. It
+ * adds the check (the first issues the schema reports) and states the pair in the schema's JSON
+ * Schema as `anyOf: [{required: [key]}, {required: [instead]}]`, which is where the catalog's
+ * required keys come from (requiredKeysOf in core/plugins.ts). `empty`: "" counts as set (a RabbitMQ
+ * routing key); `hint` is added to the "required" message.
+ */
+export function keyOrInstead<T extends z.ZodObject>(schema: T, key: string, instead: string, options: { empty?: boolean; hint?: string } = {}): T {
+  const has = (value: unknown) => (options.empty ? value !== undefined : Boolean(value));
+  return schema
+    .superRefine((config: Record<string, unknown>, issues) => {
+      if (!has(config[key]) && !has(config[instead])) {
+        issues.addIssue({ code: "custom", path: [key], message: `required unless '${instead}' is set${options.hint ? ` ${options.hint}` : ""}` });
+      }
+      if (has(config[key]) && has(config[instead])) {
+        issues.addIssue({ code: "custom", path: [instead], message: `cannot be combined with '${key}'` });
+      }
+    })
+    .meta({ anyOf: [{ required: [key] }, { required: [instead] }] });
 }
 
 /**

@@ -1,14 +1,17 @@
 #!/usr/bin/env node
-// Runs after npm install: small, idempotent fixes to dependencies, each waiting for an upstream
-// release. Each patch names the issue and says what goes wrong without it.
+// Runs after npm install: the one fix tide applies to a dependency, idempotent, waiting for an
+// upstream release. It names the issue and says what goes wrong without it.
 //
-// 1. postgres.js 3.4.x can throw an uncatchable TypeError from a queued write after its socket closed
-//    (porsager/postgres#1066, #1154, #1208; fix proposed in #1209). On the relay's reserved
-//    advisory-lock connection that kills the process whenever PostgreSQL drops the connection. Guard
-//    nextWrite the same way: fail the pending queries with CONNECTION_CLOSED instead of throwing.
-//    tests/relay/observability.test.ts cuts a live connection to prove the relay survives.
-// 2. kafkajs 2.2.x schedules a timer with a negative delay when it is not throttled (throttledUntil
-//    is -1), and Bun prints a TimeoutNegativeWarning to stderr, breaking --log-format json output.
+// postgres.js 3.4.x (3.4.9 is the newest release) throws a TypeError from nextWrite when a query is
+// written to a reserved connection whose socket has closed (porsager/postgres#1066, #1154, #1208;
+// fix proposed in #1209, not released). It is thrown from a timer, out of reach of any await, so
+// the process dies: WAL capture holds its transaction on a reserved connection (core/wal_capture.ts)
+// and rolls back on it after PostgreSQL ended the session. Steering clear of it in tide's code is
+// not enough: release() hands the dead connection back to the pool, whose next query throws the
+// same; and catching the throw process-wide leaves the write, and its query, stuck in the driver.
+// So nextWrite is guarded as #1209 does: fail the pending queries with CONNECTION_CLOSED instead.
+// tests/relay/driver_guard.test.ts proves the guard is in force under Bun and in a compiled binary.
+// (kafkajs's negative timer delay is guarded at tide's boundary instead: plugins/kafka/timers.ts.)
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -28,12 +31,6 @@ const PATCHES = [
       return false
     }
 `,
-  },
-  {
-    files: ["kafkajs/src/network/requestQueue/index.js"],
-    mark: "/* tide: no negative timeout */",
-    before: "      }, scheduleAt)\n",
-    after: "      }, Math.max(0, scheduleAt)) /* tide: no negative timeout */\n",
   },
 ];
 

@@ -5,6 +5,7 @@
 import { Kafka, logLevel, type KafkaConfig, type LogEntry, type SASLOptions } from "kafkajs";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
+import { clampNegativeTimeouts } from "./timers.ts";
 
 /** How long connect() may take, retries included, before it gives up. */
 export const CONNECT_TIMEOUT_MS = 10_000;
@@ -65,6 +66,7 @@ export interface ConnectionConfig {
 
 /** Builds the kafkajs client: no I/O happens until a producer or consumer connects. */
 export function createKafkaClient(config: ConnectionConfig, ctx: PluginContext, requestTimeoutMs = 30_000): Kafka {
+  clampNegativeTimeouts();
   const options: KafkaConfig = {
     clientId: config.client_id,
     brokers: config.brokers,

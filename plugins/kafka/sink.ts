@@ -11,13 +11,13 @@
 // publish() resolves; the transactional id is stable per pipeline and relay group, so that a relay
 // taking the pipeline over fences the one before and aborts its open transaction.
 
-import { Buffer } from "node:buffer";
 import { ConfigResourceTypes, type Message, Partitioners, type Producer, type TopicMessages, type Transaction } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
+import { isPermanent, isTooLarge, type PendingRecord, recordBytes, requests, sizeOf } from "./requests.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, kafkaErrorTypes, TOPIC_NAME } from "./connection.ts";
-import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, PROBE_MESSAGE, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, PROBE_MESSAGE, messageOf, keyOrInstead } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
 
@@ -77,10 +77,9 @@ const configSchema = z
     /** How long the broker lets a transaction stay open before aborting it (a relay that died mid-batch). */
     transaction_timeout_ms: z.number().int().positive().optional(),
   })
+  .apply(keyOrInstead, "topic", "topic_template")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.topic && !config.topic_template) problem("topic", "required unless 'topic_template' is set");
-    if (config.topic && config.topic_template) problem("topic_template", "cannot be combined with 'topic'");
     if (config.allow_dots_in.length > 0 && !config.topic_template) problem("allow_dots_in", "applies to 'topic_template' only");
     if (config.idempotent === true && config.acks !== -1) problem("idempotent", "needs acks \"all\"");
     if (config.transactional && config.acks !== -1) problem("transactional", "needs acks \"all\"");
@@ -108,27 +107,6 @@ export const kafkaSink: SinkDefinition<KafkaSinkConfig> = {
   },
   create: createKafkaSink,
 };
-
-/** The broker refused a request for its size: the same records in smaller requests may pass. */
-const TOO_LARGE_TYPES = new Set(["MESSAGE_TOO_LARGE", "RECORD_LIST_TOO_LARGE"]);
-
-/** Error types of records or topics that retrying cannot fix. */
-const PERMANENT_TYPES = new Set([
-  ...TOO_LARGE_TYPES,
-  "INVALID_TOPIC_EXCEPTION",
-  "INVALID_RECORD",
-  "CORRUPT_MESSAGE",
-  "POLICY_VIOLATION",
-  "UNSUPPORTED_FOR_MESSAGE_FORMAT",
-]);
-
-interface PendingRecord {
-  message: OutboxMessage;
-  topic: string;
-  record: Message;
-  /** The record's size on the wire, roughly: key, value, headers and their framing. */
-  bytes: number;
-}
 
 function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   const where = `kafka sink "${ctx.pipeline}"`;
@@ -407,56 +385,4 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
 function keyHeader(message: OutboxMessage): string | null {
   const value = message.headers.key;
   return value === undefined || value === null ? null : headerText(value);
-}
-
-function isPermanent(error: unknown): boolean {
-  return kafkaErrorTypes(error).some((type) => PERMANENT_TYPES.has(type));
-}
-
-function isTooLarge(error: unknown): boolean {
-  return kafkaErrorTypes(error).some((type) => TOO_LARGE_TYPES.has(type));
-}
-
-/**
- * The records in order, cut into requests of at most `limit` bytes. A record larger than the limit
- * goes alone: the broker (or the topic's own limit) decides.
- */
-function requests(records: PendingRecord[], limit: number): PendingRecord[][] {
-  const groups: PendingRecord[][] = [];
-  let current: PendingRecord[] = [];
-  let bytes = BATCH_OVERHEAD_BYTES;
-  for (const record of records) {
-    if (current.length > 0 && bytes + record.bytes > limit) {
-      groups.push(current);
-      current = [];
-      bytes = BATCH_OVERHEAD_BYTES;
-    }
-    current.push(record);
-    bytes += record.bytes;
-  }
-  if (current.length > 0) groups.push(current);
-  return groups;
-}
-
-// Record framing in Kafka's format v2, generously: length, attributes, timestamp and offset deltas,
-// key and value lengths (varints); per header its two lengths. The batch header comes on top, once.
-const RECORD_OVERHEAD_BYTES = 32;
-const HEADER_OVERHEAD_BYTES = 10;
-const BATCH_OVERHEAD_BYTES = 70;
-
-function recordBytes(record: Message): number {
-  let bytes = RECORD_OVERHEAD_BYTES + byteLength(record.key) + byteLength(record.value);
-  for (const [name, value] of Object.entries(record.headers ?? {})) {
-    bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + byteLength(value as string | Buffer | undefined);
-  }
-  return bytes;
-}
-
-function byteLength(value: string | Buffer | null | undefined): number {
-  if (value === null || value === undefined) return 0;
-  return typeof value === "string" ? Buffer.byteLength(value) : value.byteLength;
-}
-
-function sizeOf(records: PendingRecord[]): number {
-  return records.reduce((sum, r) => sum + r.bytes, BATCH_OVERHEAD_BYTES);
 }

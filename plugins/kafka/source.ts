@@ -8,7 +8,7 @@ import { z } from "zod";
 import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
 import { availableCompressions } from "./codecs.ts";
 import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, TOPIC_NAME } from "./connection.ts";
-import { cloudEventId, inboundPayload } from "../shared.ts";
+import { cloudEventId, inboundPayload, keyOrInstead } from "../shared.ts";
 
 const topicName = z.string().regex(TOPIC_NAME, "must be a Kafka topic name (letters, digits, '.', '_', '-')");
 
@@ -27,10 +27,9 @@ const configSchema = z
     /** Handled by the engine (filter); accepted here so that the key validates. */
     transform: z.unknown().optional(),
   })
+  .apply(keyOrInstead, "topic", "topics")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.topic && !config.topics) problem("topic", "required unless 'topics' is set");
-    if (config.topic && config.topics) problem("topics", "cannot be combined with 'topic'");
     if (config.group_id && config.consumer_group) problem("consumer_group", "cannot be combined with 'group_id'");
   })
   .transform(({ topic, topics, consumer_group, ...config }) => ({

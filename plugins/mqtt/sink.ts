@@ -10,7 +10,7 @@ import type { IClientPublishOptions, MqttClient } from "mqtt";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { checkConnection, clientIdOf, connectionShape, connectMqtt, endNow, lastErrorOf, serverOf, topicNameProblem } from "./connection.ts";
-import { checkAllowedIn, headerText, messageOf, oneSegmentValues, payloadBody } from "../shared.ts";
+import { checkAllowedIn, headerText, messageOf, oneSegmentValues, payloadBody, keyOrInstead } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -29,10 +29,9 @@ const configSchema = z
     /** The broker keeps the last message of each topic for new subscribers. */
     retain: z.boolean().default(false),
   })
+  .apply(keyOrInstead, "topic", "topic_template")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.topic && !config.topic_template) problem("topic", "required unless 'topic_template' is set");
-    if (config.topic && config.topic_template) problem("topic_template", "cannot be combined with 'topic'");
     if (config.allow_slashes_in.length > 0 && !config.topic_template) problem("allow_slashes_in", "applies to 'topic_template' only");
     checkConnection(config, problem);
   });

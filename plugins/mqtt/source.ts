@@ -11,7 +11,7 @@ import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } fro
 import {
   checkConnection, clientIdOf, connectionShape, connectMqtt, endAfterWrites, endGracefully, endNow, isTopicFilter, lastErrorOf, serverOf,
 } from "./connection.ts";
-import { cloudEventId, inboundPayload, messageOf } from "../shared.ts";
+import { cloudEventId, inboundPayload, messageOf, keyOrInstead } from "../shared.ts";
 
 const topicFilter = z.string().refine(isTopicFilter, "must be an MQTT topic filter (\"+\" fills a whole level, \"#\" only the whole last one)");
 
@@ -27,10 +27,9 @@ const configSchema = z
     /** Handled by the engine (filter); accepted here so that the key validates. */
     transform: z.unknown().optional(),
   })
+  .apply(keyOrInstead, "topic", "topics")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.topic && !config.topics) problem("topic", "required unless 'topics' is set");
-    if (config.topic && config.topics) problem("topics", "cannot be combined with 'topic'");
     checkConnection(config, problem);
   })
   .transform(({ topic, topics, ...config }) => ({ ...config, topics: topics ?? [topic!] }));

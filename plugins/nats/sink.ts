@@ -25,7 +25,7 @@ import {
 } from "./connection.ts";
 import { HeaderBlock } from "./header_block.ts";
 import { JetStreamPublisher, type Outgoing } from "./jetstream_publisher.ts";
-import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBody, messageOf } from "../shared.ts";
+import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBody, messageOf, keyOrInstead } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -46,10 +46,9 @@ const configSchema = z
     /** The stream to create at connect when none stores the subject (its `subjects`, or `subject`). */
     create_stream: createStreamSchema,
   })
+  .apply(keyOrInstead, "subject", "subject_template")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.subject && !config.subject_template) problem("subject", "required unless 'subject_template' is set");
-    if (config.subject && config.subject_template) problem("subject_template", "cannot be combined with 'subject'");
     if (config.allow_dots_in.length > 0 && !config.subject_template) problem("allow_dots_in", "applies to 'subject_template' only");
     if (config.create_stream && config.mode === "core") problem("create_stream", "applies to JetStream only, not mode \"core\"");
     if (config.create_stream && !config.create_stream.subjects && !config.subject) {

@@ -12,7 +12,7 @@ import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, RenderOptions, SinkDefinition } from "../../core/plugin.ts";
 import { brokerReply, type BrokerReply, checkConnection, connectAmqp, connectionShape, serverOf } from "./connection.ts";
 import { channelErrors, ConfirmTimeout, culpritOf, EncodeError, isNack, type Publication, publishConfirmed } from "./confirms.ts";
-import { checkAllowDotsIn, headerText, messageOf, oneTokenValues, payloadBody } from "../shared.ts";
+import { checkAllowDotsIn, headerText, messageOf, oneTokenValues, payloadBody, keyOrInstead } from "../shared.ts";
 
 /** AMQP short strings (exchange names, routing keys) hold at most 255 bytes. */
 const SHORT_STRING_BYTES = 255;
@@ -41,13 +41,10 @@ const configSchema = z
     /** A message no queue receives is returned and fails (retried), instead of being dropped by the broker. */
     mandatory: z.boolean().default(true),
   })
+  .apply(keyOrInstead, "routing_key", "routing_key_template", { empty: true, hint: "(\"\" for a fanout exchange)" })
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
     if (config.exchange !== undefined && config.exchange_template) problem("exchange_template", "cannot be combined with 'exchange'");
-    if (config.routing_key === undefined && !config.routing_key_template) {
-      problem("routing_key", "required unless 'routing_key_template' is set (\"\" for a fanout exchange)");
-    }
-    if (config.routing_key !== undefined && config.routing_key_template) problem("routing_key_template", "cannot be combined with 'routing_key'");
     if (config.allow_dots_in.length > 0 && !config.routing_key_template) problem("allow_dots_in", "applies to 'routing_key_template' only");
     checkConnection(config, problem);
   });

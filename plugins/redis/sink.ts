@@ -10,7 +10,7 @@ import type { ChainableCommander, Redis } from "ioredis";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { checkConnection, connectionShape, connectRedis, describeRedisError, isConnectionError, serverOf } from "./connection.ts";
-import { checkAllowedIn, headerText, messageOf, oneSegmentValues, payloadBody, toJson } from "../shared.ts";
+import { checkAllowedIn, headerText, messageOf, oneSegmentValues, payloadBody, toJson, keyOrInstead } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -29,10 +29,9 @@ const configSchema = z
     /** How long a message's dedup marker is kept: a retry within it adds nothing. 0: no markers, plain XADD. */
     dedup_window_s: z.number().int().min(0).default(86_400),
   })
+  .apply(keyOrInstead, "stream", "stream_template")
   .superRefine((config, issues) => {
     const problem = (path: string, message: string) => issues.addIssue({ code: "custom", path: [path], message });
-    if (!config.stream && !config.stream_template) problem("stream", "required unless 'stream_template' is set");
-    if (config.stream && config.stream_template) problem("stream_template", "cannot be combined with 'stream'");
     if (config.allow_colons_in.length > 0 && !config.stream_template) problem("allow_colons_in", "applies to 'stream_template' only");
     checkConnection(config, problem);
   });

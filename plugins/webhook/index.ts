@@ -4,10 +4,11 @@
 
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
+import ipaddr from "ipaddr.js";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { createSigner, secretBytes } from "./sign.ts";
-import { PROBE_MESSAGE, cloudEventHeaderValue, payloadBody, traceContextOf, withPayload, messageOf } from "../shared.ts";
+import { PROBE_MESSAGE, cloudEventHeaderValue, payloadBody, traceContextOf, withPayload, messageOf, keyOrInstead } from "../shared.ts";
 
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const HEADER_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
@@ -40,10 +41,9 @@ const configSchema = z
     /** Refuse targets that are, or resolve to, loopback/private/link-local addresses. */
     ssrf_guard: z.boolean().default(false),
   })
+  .apply(keyOrInstead, "url", "url_template")
   .superRefine((config, issues) => {
     const problem = (path: string[], message: string) => issues.addIssue({ code: "custom", path, message });
-    if (!config.url && !config.url_template) problem(["url"], "required unless 'url_template' is set");
-    if (config.url && config.url_template) problem(["url_template"], "cannot be combined with 'url'");
     if (config.url_template && config.mode === "batch") {
       problem(["url_template"], "needs mode \"single\": a batch goes to one URL");
     }
@@ -320,46 +320,33 @@ function moveCredentialsToHeader(url: URL, headers: Headers): void {
   url.password = "";
 }
 
-/** Loopback, private, link-local, CGNAT, unspecified and multicast ranges, IPv4 and IPv6. */
+// What ssrf_guard refuses, by ipaddr.js's classification of the address.
+const REFUSED_IPV4 = new Set(["unspecified", "broadcast", "multicast", "linkLocal", "loopback", "carrierGradeNat", "private", "reserved"]);
+const REFUSED_IPV6 = new Set(["unspecified", "linkLocal", "multicast", "loopback", "uniqueLocal", "deprecatedSiteLocal", "discard"]);
+// IPv6 addresses that carry an IPv4 one in their last 32 bits: IPv4-mapped, IPv4-translated
+// (rfc6145), the NAT64 well-known prefix (rfc6052) and the deprecated IPv4-compatible ::/96.
+const CARRIES_IPV4 = new Set(["ipv4Mapped", "rfc6145", "rfc6052"]);
+const IPV4_COMPATIBLE = ipaddr.parseCIDR("::/96");
+const NAT64_WELL_KNOWN = ipaddr.parseCIDR("64:ff9b::/96");
+
+/**
+ * Loopback, private, link-local, CGNAT, unspecified, multicast and reserved ranges, IPv4 and IPv6,
+ * and an IPv6 address that leads to one of them through the IPv4 address it carries. Anything
+ * that is not an address (node:net's isIP says so) is refused rather than guessed at.
+ */
 export function isPrivateAddress(address: string): boolean {
-  const ip = address.replace(/%.*$/, "").toLowerCase();
-  if (isIP(ip) === 4) return isPrivateIPv4(ip.split(".").map(Number));
-  const groups = expandIPv6(ip);
-  if (!groups) return true; // unparseable: refuse rather than guess
-  const [g0, g1, g2, g3, g4, g5, g6, g7] = groups as [number, number, number, number, number, number, number, number];
-  if (g0 === 0 && g1 === 0 && g2 === 0 && g3 === 0 && g4 === 0 && (g5 === 0xffff || g5 === 0)) {
-    if (g5 === 0 && g6 === 0) return true; // :: and ::1 (and the deprecated IPv4-compatible range)
-    return isPrivateIPv4([g6 >> 8, g6 & 0xff, g7 >> 8, g7 & 0xff]); // IPv4-mapped
-  }
-  return (g0 & 0xfe00) === 0xfc00 || (g0 & 0xffc0) === 0xfe80 || (g0 & 0xff00) === 0xff00;
-}
-
-function isPrivateIPv4([a, b]: number[]): boolean {
-  if (a === undefined || b === undefined) return true;
-  return (
-    a === 0 || a === 10 || a === 127 || a >= 224 ||
-    (a === 100 && b >= 64 && b < 128) ||
-    (a === 169 && b === 254) ||
-    (a === 172 && b >= 16 && b < 32) ||
-    (a === 192 && b === 168)
-  );
-}
-
-function expandIPv6(ip: string): number[] | undefined {
-  let text = ip;
-  const dotted = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
-  if (dotted) {
-    const [a, b, c, d] = dotted[1]!.split(".").map(Number) as [number, number, number, number];
-    text = `${text.slice(0, dotted.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
-  }
-  const [head, tail, extra] = text.split("::");
-  if (extra !== undefined) return undefined;
-  const left = head ? head.split(":") : [];
-  const right = tail ? tail.split(":") : [];
-  const missing = 8 - left.length - right.length;
-  if (tail === undefined ? missing !== 0 : missing < 1) return undefined;
-  const groups = [...left, ...Array<string>(tail === undefined ? 0 : missing).fill("0"), ...right];
-  return groups.every((g) => /^[0-9a-f]{1,4}$/.test(g)) ? groups.map((g) => parseInt(g, 16)) : undefined;
+  const ip = address.replace(/%.*$/, "");
+  if (isIP(ip) === 0) return true;
+  const parsed = ipaddr.parse(ip);
+  if (parsed.kind() === "ipv4") return REFUSED_IPV4.has(parsed.range());
+  const v6 = parsed as ipaddr.IPv6;
+  const range: string = v6.range();
+  if (REFUSED_IPV6.has(range)) return true;
+  // The NAT64 local-use prefix 64:ff9b:1::/48 leads into the operator's own network.
+  if (range === "rfc6052" && !v6.match(NAT64_WELL_KNOWN)) return true;
+  if (!CARRIES_IPV4.has(range) && !v6.match(IPV4_COMPATIBLE)) return false;
+  const bytes = v6.toByteArray();
+  return REFUSED_IPV4.has(new ipaddr.IPv4(bytes.slice(12)).range());
 }
 
 // Header values must be Latin-1 without control characters; beyond printable ASCII, percent-encode.

@@ -218,3 +218,38 @@ describe("last error and last success", () => {
     }
   }, 60_000);
 });
+
+describe("waiting for a laned pipeline", () => {
+  let lanesDb: TestDatabase;
+  beforeAll(async () => {
+    lanesDb = await createTestDatabase();
+  });
+  afterAll(() => lanesDb.drop());
+
+  it("returns only once every lane runs the current version", async () => {
+    const sql = lanesDb.sql;
+    await sql`SELECT tide.outbox_create('laned')`;
+    const file = join(dir, "laned.jsonl");
+    await sql`SELECT tide.relay_set_outbox('laned', 'laned', 'file', ${sql.json({ path: file, lanes: 4 })})`;
+    const applied = async (timeout: string) =>
+      (await sql`SELECT tide.relay_wait_applied('laned', ${timeout}::interval) AS applied`)[0].applied;
+    const owned = async () => Number((await sql`
+      SELECT count(*) AS n FROM tide.relay_pipeline_state WHERE pipeline = 'laned' AND owner_id IS NOT NULL`)[0].n);
+
+    // A relay allowed two units runs two of the four lanes: the change is not applied yet.
+    const partial = await startRelay(lanesDb.url, { maxPipelines: 2 });
+    try {
+      await waitFor("two lanes to be owned", async () => (await owned()) === 2);
+      expect(await applied("1 second")).toBe(false);
+    } finally {
+      await partial.stop();
+    }
+    const whole = await startRelay(lanesDb.url);
+    try {
+      expect(await applied("20 seconds")).toBe(true);
+      expect(await owned()).toBe(4);
+    } finally {
+      await whole.stop();
+    }
+  }, 60_000);
+});

@@ -49,15 +49,21 @@ describe("poison isolation", () => {
       await db.sql`INSERT INTO tide.outbox_messages (outbox, payload)
                    SELECT 'poison', jsonb_build_object('key', k, 'seq', r)
                      FROM generate_series(1, ${ROUNDS}) r, unnest(${KEYS}::text[]) k ORDER BY r, k`;
-      relay = await startRelay(db.url, { relayGroupId: "poison" });
+      relay = await startRelay(db.url, { relayGroupId: "poison", metricsAddr: "127.0.0.1:0" });
+      const page = async () => await (await fetch(`http://127.0.0.1:${relay!.httpPort}/`)).text();
 
       const delivered = (key: string) => log.filter((a) => a.ok && a.key === key).map((a) => a.seq);
       // While K is parked (visible in pipeline_status), every other key is delivered in full.
       await waitFor("the other keys delivered while K is parked", async () => {
         const [{ held }] = await db.sql<{ held: number }[]>`
           SELECT sum(held)::int AS held FROM tide.pipeline_status WHERE pipeline = 'poison' AND relay_group_id = 'poison'`;
-        return held > 0 && ["A", "B", "C"].every((key) => delivered(key).length === ROUNDS);
+        // ... and on the status page, on the row of K's lane.
+        const shown = /data-held="[1-9]\d*"/.test(await page());
+        return held > 0 && shown && ["A", "B", "C"].every((key) => delivered(key).length === ROUNDS);
       }, 30_000);
+      const html = await page();
+      expect(html).toContain("lane 1 of 2");
+      expect(html).toContain("lane 2 of 2");
       expect(relay.coordinator.owned().filter((p) => p.name === "poison").length).toBe(2); // both lanes
       expect(delivered("K")).toEqual([1]); // K's later messages wait behind the poison one
       const metrics = await relay.metrics.registry.metrics();

@@ -1,6 +1,7 @@
 // Stopping the relay as supervisors do: SIGTERM through the npm bin shim reaches the relay, and
 // SIGTERM or SIGINT in the middle of a delivery finishes and acknowledges it, unless it outlasts
-// --drain-timeout, in which case it stays pending for the next relay.
+// --drain-timeout, in which case it stays pending for the next relay. A stop after the database
+// stopped answering does not wait on the connections it left hanging.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { mkdtemp } from "node:fs/promises";
@@ -8,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
 import { collectLines, heldWebhook, spawnRelay, waitFor } from "../support/relay.ts";
+import { TcpProxy } from "../support/tcp_proxy.ts";
 
 const ROOT = join(import.meta.dir, "..", "..");
 const NODE = Bun.which("node") ?? "node";
@@ -155,5 +157,32 @@ describe("stopping the relay in the middle of a delivery", () => {
     const messages: string[] = logs.lines.map((line) => JSON.parse(line).message);
     expect(messages).toContain("the sink did not stop when aborted; its batch is left unacknowledged");
     expect(await lagOf(name, name)).toBe(1n);
+  }, 60_000);
+
+  it("stops without waiting on connections the database left hanging", async () => {
+    const name = "db-gone";
+    await db.sql`SELECT tide.outbox_create(${name})`;
+    await db.sql`SELECT tide.relay_set_outbox(${name}, ${name}, 'stdout', '{}'::jsonb)`;
+    const target = new URL(db.url);
+    const proxy = await TcpProxy.start(target.hostname, Number(target.port || 5432));
+    try {
+      const through = new URL(db.url);
+      through.port = String(proxy.port);
+      const relay = spawnRelay(through.toString(), ["--relay-group-id", name, "--log-format", "json"]);
+      const logs = collectLines(relay.stderr);
+      const messages = () => logs.lines.map((line) => JSON.parse(line).message as string);
+      await waitFor("the relay to start and own the pipeline", () => messages().includes("relay started") && messages().includes("pipeline started"));
+      // The server stops answering: the relay's queries hang until it notices and fences its pipelines.
+      proxy.freeze();
+      await waitFor("the relay to notice", () => messages().some((m) => m.startsWith("lost pipeline ownership")));
+      relay.kill("SIGTERM");
+      expect(await relay.exited).toBe(0);
+      await logs.done;
+      expect(messages()).toContain("relay stopped");
+      // It said it did not wait for the hanging connections (before: it waited out postgres.js's end timeout).
+      expect(messages().filter((m) => m.startsWith("database connections did not close"))).toHaveLength(1);
+    } finally {
+      await proxy.stop();
+    }
   }, 60_000);
 });

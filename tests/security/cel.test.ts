@@ -13,6 +13,7 @@ import type { JSONValue } from "postgres";
 import { connect, type Sql } from "../../core/db.ts";
 import { preparePipeline } from "../../core/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
+import { builtinPlugins } from "../../plugins/registry.ts";
 import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";
 import { collectLines, readJsonl, spawnRelay, startRelay, waitFor } from "../support/relay.ts";
 
@@ -174,7 +175,7 @@ describe("a message the filter cannot decide on", () => {
   });
 
   it("refuses an unknown on_error policy, and dead_letter without a forward pipeline's DLQ", async () => {
-    const registry = new PluginRegistry();
+    const registry = new PluginRegistry(builtinPlugins);
     const row = (direction: "forward" | "reverse", plugin_type: string, config: Record<string, unknown>) =>
       ({ name: "p", direction, plugin_type, config });
     await expect(preparePipeline(row("forward", "stdout", { transform: { filter: "true", on_error: "drop" } }), registry)).rejects.toThrow(

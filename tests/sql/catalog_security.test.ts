@@ -111,6 +111,21 @@ describe("roles", () => {
     const [lag] = await db.sql`SELECT lag FROM tide.consumer_lag`;
     expect(lag.lag).toBe(0n);
   });
+
+  it("a tide_relay moves dead letters through the DLQ functions only; a tide_reader cannot", async () => {
+    const [{ id }] = await db.sql`SELECT tide.relay_dlq_add('orders-hook', (SELECT min(id) FROM tide.outbox_messages), 'HTTP 500') AS id`;
+    await db.sql`SELECT tide.relay_dlq_requeue(${id}::bigint)`;
+    await as(users.relay, async (conn) => {
+      await expectError(conn`UPDATE tide.relay_dlq SET status = 'resolved' WHERE id = ${id}`, "permission denied", "relay_dlq");
+      await conn`SELECT tide.relay_dlq_redelivered('{}'::bigint[], ARRAY[${id}]::bigint[])`;
+    });
+    await as(users.reader, async (conn) => {
+      await expectError(conn`SELECT tide.relay_dlq_redelivered(ARRAY[${id}]::bigint[], '{}'::bigint[])`, "permission denied");
+    });
+    const [entry] = await db.sql`SELECT status, attempts FROM tide.relay_dlq WHERE id = ${id}`;
+    expect(entry).toEqual({ status: "open", attempts: 2 });
+    await db.sql`SELECT tide.relay_dlq_resolve(${id}::bigint)`;
+  });
 });
 
 describe("capture with the caller's own rights", () => {
@@ -172,7 +187,8 @@ describe("SECURITY DEFINER functions", () => {
     "replay_inbox_messages", "consumer_next_batch", "consumer_commit", "inbox_insert_batch",
     "outbox_drop", "outbox_enable", "outbox_disable", "drop_consumer_group", "consumer_group_rewind", "inbox_drop",
     "outbox_retention_sweep", "inbox_retention_sweep",
-    "relay_dlq_add", "relay_dlq_list", "relay_dlq_requeue", "relay_dlq_resolve",
+    "relay_dlq_add", "relay_dlq_list", "relay_dlq_requeue", "relay_dlq_resolve", "relay_dlq_redelivered",
+    "relay_state_acquired", "relay_state_start_failed", "relay_state_released", "relay_heartbeat",
   ];
 
   it("every API function (each overload) is SECURITY DEFINER with search_path pinned to pg_catalog, pg_temp", async () => {

@@ -3,7 +3,9 @@
 
 import { readFile } from "node:fs/promises";
 import { createLogger, type Logger } from "../../core/log.ts";
+import { PluginRegistry } from "../../core/plugins.ts";
 import { Relay, type RelayOptions } from "../../core/relay.ts";
+import { builtinPlugins } from "../../plugins/registry.ts";
 
 const ROOT = `${import.meta.dir}/../..`;
 
@@ -18,6 +20,7 @@ export async function startRelay(url: string, options: Partial<RelayOptions> = {
     postgresUrl: url,
     relayGroupId: "default",
     logger: options.logger ?? captureLogger().logger,
+    registry: new PluginRegistry(builtinPlugins),
     pollIntervalMs: 50,
     reconcileIntervalMs: 300,
     ...options,

@@ -1,6 +1,7 @@
 // A TCP proxy in the test process in front of a real server: cut() closes every connection through
-// it and refuses new ones (what a client sees when the server goes away), restore() accepts again on
-// the same port. For outage scenarios on servers that other suites share and that cannot be stopped.
+// it and refuses new ones (what a client sees when the server goes away), freeze() keeps every
+// connection open but carries no byte either way (a server that stopped answering), restore() accepts
+// again on the same port. For outage scenarios on servers that other suites share and that cannot be stopped.
 
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { freePort } from "./postgres.ts";
@@ -9,7 +10,9 @@ export class TcpProxy {
   readonly port: number;
   readonly #target: { host: string; port: number };
   readonly #sockets = new Set<Socket>();
+  readonly #pairs = new Set<[Socket, Socket]>();
   #server: Server | undefined;
+  #frozen = false;
 
   private constructor(port: number, target: { host: string; port: number }) {
     this.port = port;
@@ -37,6 +40,10 @@ export class TcpProxy {
           upstream.destroy();
         });
       }
+      const pair: [Socket, Socket] = [client, upstream];
+      this.#pairs.add(pair);
+      client.on("close", () => this.#pairs.delete(pair));
+      if (this.#frozen) return;
       client.pipe(upstream);
       upstream.pipe(client);
     });
@@ -55,6 +62,17 @@ export class TcpProxy {
     for (const socket of this.#sockets) socket.destroy();
     this.#sockets.clear();
     await closed;
+  }
+
+  /** Every connection, open and new, stays open but carries nothing until the proxy is cut. */
+  freeze(): void {
+    this.#frozen = true;
+    for (const [client, upstream] of this.#pairs) {
+      client.unpipe(upstream);
+      upstream.unpipe(client);
+      client.pause();
+      upstream.pause();
+    }
   }
 
   /** Connections open through the proxy right now. */

@@ -3,7 +3,7 @@
 
 import { describe, expect, it } from "bun:test";
 import { compileFilter } from "../../core/filter.ts";
-import { toMessage } from "../../core/forward.ts";
+import { toMessage } from "../../core/forward_batch.ts";
 import { JsonNumber, parseJson, stringifyJson } from "../../core/json.ts";
 import { withoutNulEscapes } from "../../core/reverse.ts";
 import { renderTemplate } from "../../core/template.ts";

@@ -8,6 +8,7 @@ import { FAILPOINTS, parseFailpoints } from "../../core/failpoints.ts";
 import { CIRCUIT_THRESHOLD, WorkerStatus } from "../../core/worker_status.ts";
 import { preparePipeline } from "../../core/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
+import { builtinPlugins } from "../../plugins/registry.ts";
 
 describe("TIDE_FAILPOINTS", () => {
   it("reads every action, with and without @N", () => {
@@ -56,7 +57,7 @@ describe("circuit state", () => {
 });
 
 describe("engine keys of a reverse pipeline", () => {
-  const registry = new PluginRegistry();
+  const registry = new PluginRegistry(builtinPlugins);
   const reverse = (config: Record<string, unknown>) =>
     preparePipeline({ name: "in", direction: "reverse", plugin_type: "webhook", config: { path: "/in", allow_unsigned: true, ...config } }, registry);
 

@@ -8,8 +8,9 @@ import tls from "node:tls";
 import { createLogger } from "../../core/log.ts";
 import type { PluginDefinition } from "../../core/plugin.ts";
 import { pluginContext, PluginRegistry, validatePluginConfig } from "../../core/plugins.ts";
+import { builtinPlugins } from "../../plugins/registry.ts";
 
-const registry = new PluginRegistry();
+const registry = new PluginRegistry(builtinPlugins);
 await registry.load("audit", "docs/examples/audit_sink.ts", `${import.meta.dir}/../..`);
 
 /**

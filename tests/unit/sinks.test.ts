@@ -374,6 +374,24 @@ describe("webhook sink", () => {
     }
   });
 
+  it("classifies an IPv6 address by the IPv4 address it carries (mapped, translated, NAT64, compatible)", () => {
+    for (const ip of ["::ffff:10.0.0.1", "::ffff:7f00:1", "::ffff:0:a00:1", "64:ff9b::a00:1", "64:ff9b::127.0.0.1", "::7f00:1", "64:ff9b:1::8.8.8.8"]) {
+      expect({ ip, private: isPrivateAddress(ip) }).toEqual({ ip, private: true });
+    }
+    for (const ip of ["64:ff9b::808:808", "::ffff:0:8.8.8.8", "64:ff9b::1.1.1.1"]) {
+      expect({ ip, private: isPrivateAddress(ip) }).toEqual({ ip, private: false });
+    }
+  });
+
+  it("refuses broadcast, reserved, site-local and multicast ranges, and what is not an address", () => {
+    for (const ip of ["255.255.255.255", "240.0.0.1", "224.0.0.251", "192.0.2.10", "198.18.0.1", "fec0::1", "ff02::1", "127.1", "not-an-ip", ""]) {
+      expect({ ip, private: isPrivateAddress(ip) }).toEqual({ ip, private: true });
+    }
+    for (const ip of ["1.1.1.1", "2001:4860:4860::8888"]) {
+      expect({ ip, private: isPrivateAddress(ip) }).toEqual({ ip, private: false });
+    }
+  });
+
   it("rejects an unknown url_template placeholder when the sink is created", async () => {
     const result = await validate(webhookSink, { url_template: "http://x/{nope}" });
     if (result.issues) throw new Error("expected the config itself to validate");
