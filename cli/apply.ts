@@ -5,7 +5,7 @@
 import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError } from "../core/errors.ts";
 import { createLogger } from "../core/log.ts";
-import { syncManifestPipelines } from "../core/manifest_sync.ts";
+import { syncManifestPipelines } from "../core/config/manifest_sync.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 import { CONFIG_FLAG, loadConfig } from "./manifest_flags.ts";

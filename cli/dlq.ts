@@ -1,5 +1,5 @@
 // `pg-tide dlq list|replay|discard`: the forward dead-letter queue from a terminal, through the same
-// functions as the console's actions (core/operations.ts).
+// functions as the console's actions (core/http/operations.ts).
 
 import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError } from "../core/errors.ts";
@@ -12,7 +12,7 @@ import {
   listDeadLetters,
   replayAllDeadLetters,
   replayDeadLetter,
-} from "../core/operations.ts";
+} from "../core/http/operations.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 import { columns } from "./table.ts";

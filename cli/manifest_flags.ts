@@ -2,7 +2,7 @@
 // names into a plugin registry.
 
 import { dirname } from "node:path";
-import { loadManifest, type Manifest } from "../core/manifest.ts";
+import { loadManifest, type Manifest } from "../core/config/manifest.ts";
 import { PluginRegistry } from "../core/plugins.ts";
 import { builtinPlugins } from "../plugins/registry.ts";
 import type { FlagSpec } from "./args.ts";

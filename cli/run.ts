@@ -2,9 +2,9 @@
 
 import { ConfigError, exitCodeOf, toError } from "../core/errors.ts";
 import { createLogger, isLogLevel, type Logger } from "../core/log.ts";
-import { HTTP_TOKEN_SCOPES, type HttpAuth, type HttpTokenScope, httpTokenProblem } from "../core/http_auth.ts";
+import { HTTP_TOKEN_SCOPES, type HttpAuth, type HttpTokenScope, httpTokenProblem } from "../core/http/http_auth.ts";
 import { DEFAULT_DRAIN_TIMEOUT_MS, Relay } from "../core/relay.ts";
-import { DEFAULT_OWNERSHIP_LEASE_MS } from "../core/coordinator.ts";
+import { DEFAULT_OWNERSHIP_LEASE_MS } from "../core/engine/coordinator.ts";
 import { onSignal, writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl, sourceOf } from "./args.ts";
 import { CONFIG_FLAG, loadConfig, relayFallback } from "./manifest_flags.ts";

@@ -8,7 +8,7 @@ import { redactText } from "../core/redact.ts";
 import { writeStdout } from "../core/runtime.ts";
 import {
   pipelineStatus, type PipelineStatus, type UnreadConsumerGroup, unreadConsumerGroups, walSlotStatus, type WalSlotStatus,
-} from "../core/status.ts";
+} from "../core/http/status.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 import { CONFIG_FLAG, loadConfig } from "./manifest_flags.ts";
 import { columns } from "./table.ts";

@@ -2,7 +2,7 @@
 
 import { connect, verifyConnection } from "../core/db.ts";
 import { ConfigError } from "../core/errors.ts";
-import { traceEvent } from "../core/operations.ts";
+import { traceEvent } from "../core/http/operations.ts";
 import { writeStdout } from "../core/runtime.ts";
 import { formatHelp, HELP_FLAG, parseFlags, POSTGRES_URL_FLAG, requireUrl } from "./args.ts";
 import { columns } from "./table.ts";

@@ -5,7 +5,7 @@
 
 import { mayHaveKey, parseJson } from "./json.ts";
 import type { OutboxMessage } from "./plugin.ts";
-import { eventTypeOf, opOf } from "./template.ts";
+import { eventTypeOf, opOf } from "./config/template.ts";
 
 export interface MessageFields {
   id: bigint;

@@ -11,7 +11,7 @@ import { z } from "zod";
 import { ConfigError, PluginError, pluginErrors } from "./errors.ts";
 import type { Logger } from "./log.ts";
 import type { HttpRoutes, PluginContext, PluginDefinition, PluginKind, PluginKit } from "./plugin.ts";
-import { renderTemplate } from "./template.ts";
+import { renderTemplate } from "./config/template.ts";
 import { VERSION } from "./version.ts";
 
 /** Where a definition comes from: built into pg-tide, or a drop-in named in a manifest's [plugins]. */

@@ -4,24 +4,24 @@
 // and their SQL functions let one session at a time do the work.
 
 import { hostname } from "node:os";
-import { Coordinator, DEFAULT_OWNERSHIP_LEASE_MS } from "./coordinator.ts";
-import { loadFailpoints } from "./failpoints.ts";
+import { Coordinator, DEFAULT_OWNERSHIP_LEASE_MS } from "./engine/coordinator.ts";
+import { loadFailpoints } from "./engine/failpoints.ts";
 import { connect, type Sql, verifyConnection } from "./db.ts";
-import { TIMED_OUT, within } from "./backoff.ts";
+import { TIMED_OUT, within } from "./engine/backoff.ts";
 import { ConfigError, toError } from "./errors.ts";
 import type { Logger } from "./log.ts";
-import { combineEvents, type RelayEvents } from "./events.ts";
-import { createHttpApp } from "./http.ts";
-import type { HttpAuth } from "./http_auth.ts";
-import type { ManifestPipeline } from "./manifest.ts";
-import { syncManifestPipelines } from "./manifest_sync.ts";
-import { RelayMetrics } from "./metrics.ts";
-import { RouteTable } from "./routes.ts";
+import { combineEvents, type RelayEvents } from "./engine/events.ts";
+import { createHttpApp } from "./http/http.ts";
+import type { HttpAuth } from "./http/http_auth.ts";
+import type { ManifestPipeline } from "./config/manifest.ts";
+import { syncManifestPipelines } from "./config/manifest_sync.ts";
+import { RelayMetrics } from "./http/metrics.ts";
+import { RouteTable } from "./http/routes.ts";
 import { PluginRegistry, registerPluginTypes } from "./plugins.ts";
 import { type HttpServer, serve } from "./runtime.ts";
 import { SCHEMA_VERSION, schemaVersion } from "./schema.ts";
-import { SpanExporter } from "./trace_export.ts";
-import { WalCaptures } from "./wal_capture.ts";
+import { SpanExporter } from "./http/trace_export.ts";
+import { WalCaptures } from "./capture/wal_capture.ts";
 
 export interface RelayOptions {
   postgresUrl: string;

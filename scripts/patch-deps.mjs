@@ -5,7 +5,7 @@
 // postgres.js 3.4.x (3.4.9 is the newest release) throws a TypeError from nextWrite when a query is
 // written to a reserved connection whose socket has closed (porsager/postgres#1066, #1154, #1208;
 // fix proposed in #1209, not released). It is thrown from a timer, out of reach of any await, so
-// the process dies: WAL capture holds its transaction on a reserved connection (core/wal_capture.ts)
+// the process dies: WAL capture holds its transaction on a reserved connection (core/capture/wal_capture.ts)
 // and rolls back on it after PostgreSQL ended the session. Steering clear of it in tide's code is
 // not enough: release() hands the dead connection back to the pool, whose next query throws the
 // same; and catching the throw process-wide leaves the write, and its query, stuck in the driver.

@@ -133,7 +133,7 @@ END $$;
 
 -- An event id as an inbox stores it. The unique index cannot hold a very long id (a btree entry must
 -- fit in a third of a page), and one such id would fail its whole batch: ids longer than 512 UTF-8
--- bytes become 'sha256:<hex>' of those bytes. core/event_id.ts applies the same rule in the relay.
+-- bytes become 'sha256:<hex>' of those bytes. core/config/event_id.ts applies the same rule in the relay.
 CREATE FUNCTION tide.inbox_event_id(p_event_id text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
   SELECT CASE WHEN octet_length(convert_to(p_event_id, 'UTF8')) > 512

@@ -5,7 +5,7 @@
 -- old row: the messages have exactly the shape trigger capture gives them (007), and an unchanged
 -- TOASTed column of an update is taken from the old row.
 --
--- The relay reads the slot (core/wal_capture.ts), hands each source transaction's changes as column
+-- The relay reads the slot (core/capture/wal_capture.ts), hands each source transaction's changes as column
 -- text to tide.wal_capture_write, which builds the rows with the column types (text input, then
 -- to_jsonb: the same conversion the trigger makes) and writes them into the outbox through the narrow
 -- SECURITY DEFINER tide.wal_capture_publish; only after that transaction committed does it confirm

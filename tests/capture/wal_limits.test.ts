@@ -5,8 +5,8 @@
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
 import { connect, type Sql } from "../../core/db.ts";
-import { createHttpApp } from "../../core/http.ts";
-import { RelayMetrics } from "../../core/metrics.ts";
+import { createHttpApp } from "../../core/http/http.ts";
+import { RelayMetrics } from "../../core/http/metrics.ts";
 import { startLogicalPostgres, type LogicalPostgres } from "../support/wal.ts";
 import { captureLogger, collectLines, spawnRelay, startRelay, waitFor } from "../support/relay.ts";
 

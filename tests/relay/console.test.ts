@@ -4,9 +4,9 @@
 // the relay's HTTP token and are logged.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
-import { createHttpApp } from "../../core/http.ts";
-import { ACTIONS_NEED_TOKEN } from "../../core/http_console.ts";
-import { RelayMetrics } from "../../core/metrics.ts";
+import { createHttpApp } from "../../core/http/http.ts";
+import { ACTIONS_NEED_TOKEN } from "../../core/http/http_console.ts";
+import { RelayMetrics } from "../../core/http/metrics.ts";
 import type { Relay } from "../../core/relay.ts";
 import { type Browser, CHROMIUM, launchBrowser } from "../support/browser.ts";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";

@@ -3,7 +3,7 @@
 // over when a relay stops), the lane of a message, and the configs that are refused with a reason.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
-import { laneConfig, laneOf, fnv1a } from "../../core/lanes.ts";
+import { laneConfig, laneOf, fnv1a } from "../../core/engine/lanes.ts";
 import { outboxMessage } from "../../core/message.ts";
 import { committedMessages, lockHolders, recordingWebhook, RelayProcess, verifyDelivery } from "../support/chaos.ts";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";

@@ -169,18 +169,22 @@ describe("stopping the relay in the middle of a delivery", () => {
       const through = new URL(db.url);
       through.port = String(proxy.port);
       const relay = spawnRelay(through.toString(), ["--relay-group-id", name, "--log-format", "json"]);
-      const logs = collectLines(relay.stderr);
-      const messages = () => logs.lines.map((line) => JSON.parse(line).message as string);
-      await waitFor("the relay to start and own the pipeline", () => messages().includes("relay started") && messages().includes("pipeline started"));
-      // The server stops answering: the relay's queries hang until it notices and fences its pipelines.
-      proxy.freeze();
-      await waitFor("the relay to notice", () => messages().some((m) => m.startsWith("lost pipeline ownership")));
-      relay.kill("SIGTERM");
-      expect(await relay.exited).toBe(0);
-      await logs.done;
-      expect(messages()).toContain("relay stopped");
-      // It said it did not wait for the hanging connections (before: it waited out postgres.js's end timeout).
-      expect(messages().filter((m) => m.startsWith("database connections did not close"))).toHaveLength(1);
+      try {
+        const logs = collectLines(relay.stderr);
+        const messages = () => logs.lines.map((line) => JSON.parse(line).message as string);
+        await waitFor("the relay to start and own the pipeline", () => messages().includes("relay started") && messages().includes("pipeline started"));
+        // The server stops answering: the relay's queries hang until it notices and fences its pipelines.
+        proxy.freeze();
+        await waitFor("the relay to notice", () => messages().some((m) => m.startsWith("lost pipeline ownership")));
+        relay.kill("SIGTERM");
+        expect(await relay.exited).toBe(0);
+        await logs.done;
+        expect(messages()).toContain("relay stopped");
+        // It said it did not wait for the hanging connections (before: it waited out postgres.js's end timeout).
+        expect(messages().filter((m) => m.startsWith("database connections did not close"))).toHaveLength(1);
+      } finally {
+        relay.kill("SIGKILL");
+      }
     } finally {
       await proxy.stop();
     }

@@ -4,7 +4,7 @@
 
 import { afterAll, beforeAll, describe, expect, it, setDefaultTimeout } from "bun:test";
 import { outboxMessage } from "../../core/message.ts";
-import { MAX_QUEUED_SPANS, parseTraceContext, SpanExporter } from "../../core/trace_export.ts";
+import { MAX_QUEUED_SPANS, parseTraceContext, SpanExporter } from "../../core/http/trace_export.ts";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

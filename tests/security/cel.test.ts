@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { JSONValue } from "postgres";
 import { connect, type Sql } from "../../core/db.ts";
-import { preparePipeline } from "../../core/pipeline_config.ts";
+import { preparePipeline } from "../../core/config/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
 import { builtinPlugins } from "../../plugins/registry.ts";
 import { createTestDatabase, loginRole, type TestDatabase } from "../support/postgres.ts";

@@ -83,7 +83,7 @@ describe("tide.inbox_insert_batch", () => {
     const batch = [fits, over].map((event_id) => ({ event_id, payload: {} }));
     await relaySql`SELECT * FROM tide.inbox_insert_batch('bytes', ${relaySql.json(batch)})`;
     expect(await eventIds("bytes")).toEqual([fits, sha256Id(over)]);
-    const { boundEventId } = await import("../../core/event_id.ts");
+    const { boundEventId } = await import("../../core/config/event_id.ts");
     expect([boundEventId(fits), boundEventId(over)]).toEqual([fits, sha256Id(over)]);
   });
 });

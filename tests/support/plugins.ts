@@ -4,7 +4,7 @@
 import type { Msg, NatsConnection } from "@nats-io/transport-node";
 import { pluginErrors } from "../../core/errors.ts";
 import type { PluginContext, PluginDefinition } from "../../core/plugin.ts";
-import { renderTemplate } from "../../core/template.ts";
+import { renderTemplate } from "../../core/config/template.ts";
 
 /** What the relay hands a plugin, with a logger that prints nothing. */
 export function pluginContext(pipeline: string, overrides: Partial<PluginContext> = {}): PluginContext {

@@ -1,7 +1,7 @@
 // Retry delays: doubling from the initial delay, capped, jittered within [ceiling/2, ceiling].
 
 import { describe, expect, it } from "bun:test";
-import { backoffDelay, sleep, TIMED_OUT, Wakeup, within } from "../../core/backoff.ts";
+import { backoffDelay, sleep, TIMED_OUT, Wakeup, within } from "../../core/engine/backoff.ts";
 
 const policy = { initialMs: 100, maxMs: 1_000 };
 const samples = (attempt: number) => Array.from({ length: 500 }, () => backoffDelay(attempt, policy));

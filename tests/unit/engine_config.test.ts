@@ -3,7 +3,7 @@
 // pipeline, the key, what is allowed and the value seen.
 
 import { describe, expect, it } from "bun:test";
-import { preparePipeline } from "../../core/pipeline_config.ts";
+import { preparePipeline } from "../../core/config/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
 import { builtinPlugins } from "../../plugins/registry.ts";
 

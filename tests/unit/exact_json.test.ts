@@ -2,12 +2,12 @@
 // what filters, templates, wire formats and the stdout sink read from it keeps every digit.
 
 import { describe, expect, it } from "bun:test";
-import { compileFilter } from "../../core/filter.ts";
-import { toMessage } from "../../core/forward_batch.ts";
+import { compileFilter } from "../../core/config/filter.ts";
+import { toMessage } from "../../core/engine/forward_batch.ts";
 import { JsonNumber, parseJson, stringifyJson } from "../../core/json.ts";
-import { withoutNulEscapes } from "../../core/reverse.ts";
-import { renderTemplate } from "../../core/template.ts";
-import { wireFormatter } from "../../core/wire_format.ts";
+import { withoutNulEscapes } from "../../core/engine/reverse.ts";
+import { renderTemplate } from "../../core/config/template.ts";
+import { wireFormatter } from "../../core/config/wire_format.ts";
 import { formatLine } from "../../plugins/stdout/index.ts";
 
 // As PostgreSQL writes jsonb: keys sorted by length, then bytes; ": " and ", " between them.

@@ -4,9 +4,9 @@
 
 import { describe, expect, it } from "bun:test";
 import { createLogger } from "../../core/log.ts";
-import { FAILPOINTS, parseFailpoints } from "../../core/failpoints.ts";
-import { CIRCUIT_THRESHOLD, WorkerStatus } from "../../core/worker_status.ts";
-import { preparePipeline } from "../../core/pipeline_config.ts";
+import { FAILPOINTS, parseFailpoints } from "../../core/engine/failpoints.ts";
+import { CIRCUIT_THRESHOLD, WorkerStatus } from "../../core/engine/worker_status.ts";
+import { preparePipeline } from "../../core/config/pipeline_config.ts";
 import { PluginRegistry } from "../../core/plugins.ts";
 import { builtinPlugins } from "../../plugins/registry.ts";
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from "bun:test";
 import { ConfigError } from "../../core/errors.ts";
-import { compileFilter, type FilterVars } from "../../core/filter.ts";
-import { RE2_MATCHES } from "../../core/filter_cost.ts";
+import { compileFilter, type FilterVars } from "../../core/config/filter.ts";
+import { RE2_MATCHES } from "../../core/config/filter_cost.ts";
 
 function vars(payload: unknown, overrides: Partial<FilterVars> = {}): FilterVars {
   return { payload, headers: {}, topic: null, op: "publish", ...overrides };

@@ -3,7 +3,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { ConfigError } from "../../core/errors.ts";
-import { loadManifest, type Manifest, manifestFormat, parseManifest } from "../../core/manifest.ts";
+import { loadManifest, type Manifest, manifestFormat, parseManifest } from "../../core/config/manifest.ts";
 
 const FIXTURES = resolve(import.meta.dir, "../fixtures/manifests");
 const ENV = { DATABASE_URL: "postgres://relay:pw@db:5432/app", KAFKA_PASSWORD: "kafka-secret" };

@@ -7,7 +7,7 @@ import { ConfigError, pluginErrors } from "../../core/errors.ts";
 import type { OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { toJson } from "../../plugins/shared.ts";
 import { validatePluginConfig } from "../../core/plugins.ts";
-import { renderTemplate } from "../../core/template.ts";
+import { renderTemplate } from "../../core/config/template.ts";
 import fileSink from "../../plugins/file/index.ts";
 import { builtinPlugins } from "../../plugins/registry.ts";
 import { defineStdoutSink } from "../../plugins/stdout/index.ts";

@@ -2,7 +2,7 @@ import { describe, expect, it } from "bun:test";
 import { ConfigError } from "../../core/errors.ts";
 import type { OutboxMessage } from "../../core/plugin.ts";
 import { toJson } from "../../plugins/shared.ts";
-import { compileTemplate, eventTypeOf, opOf, renderTemplate } from "../../core/template.ts";
+import { compileTemplate, eventTypeOf, opOf, renderTemplate } from "../../core/config/template.ts";
 
 function message(overrides: Partial<OutboxMessage> = {}): OutboxMessage {
   const fields = {
