@@ -5,7 +5,7 @@
 //   bun bench/capture.ts [--rows 100000] [--singles 5000] [--rate 500] [--seconds 20]
 // With --wal: plain vs trigger-captured vs WAL-captured tables in one run, on an embedded PostgreSQL 18
 // started with wal_level=logical: single-row insert p50/p99 at --clients (8) concurrent writers, a bulk
-// insert of --rows, the change → webhook latency p50/p99 of trigger vs WAL capture at --latency-rate
+// insert of --rows (the WAL table a second time with the relay paused: the writer's own cost), the change → webhook latency p50/p99 of trigger vs WAL capture at --latency-rate
 // (1000) rows/s, the modes alternating in --latency-rounds (3) rounds of --latency-seconds (10) each,
 // and the relay's peak RSS while it reads one source transaction of --big-mb MiB. --only latency
 // runs the latency comparison alone.
@@ -129,31 +129,46 @@ async function walMode() {
       return;
     }
     // Single-row inserts from `clients` writers; the tables take turns, in rounds, so drift hits each alike.
-    const latencies = new Map<string, number[]>(tables.map((t) => [t, []]));
+    // "wal, relay paused": the WAL table again with the relay stopped (SIGSTOP), so that neither it nor
+    // the WAL sender it reads from competes for the cores: what is left is the writer's own cost.
+    const PAUSED = "wal, relay paused";
+    const turns = [...tables, PAUSED];
+    const paused = async <T>(table: string, run: () => Promise<T>): Promise<T> => {
+      if (table !== PAUSED) return await run();
+      process.kill(relay!.pid, "SIGSTOP");
+      try {
+        return await run();
+      } finally {
+        process.kill(relay!.pid, "SIGCONT");
+      }
+    };
+    const target = (table: string) => (table === PAUSED ? "wal" : table);
+    const latencies = new Map<string, number[]>(turns.map((t) => [t, []]));
     const rounds = 4;
     let next = ROWS + 1;
     for (let round = 0; round < rounds; round++) {
-      for (const table of tables) {
+      for (const table of turns) {
         const per = Math.ceil(singles / rounds / clients);
-        await Promise.all(Array.from({ length: clients }, async () => {
+        await paused(table, () => Promise.all(Array.from({ length: clients }, async () => {
           for (let i = 0; i < per; i++) {
             const id = next++;
             const start = performance.now();
-            await sql.unsafe(`INSERT INTO ${table} (id, customer_id, total) VALUES (${id}, 1, 9.99)`);
+            await sql.unsafe(`INSERT INTO ${target(table)} (id, customer_id, total) VALUES (${id}, 1, 9.99)`);
             latencies.get(table)!.push(performance.now() - start);
           }
-        }));
+        })));
       }
     }
     const bulk = new Map<string, number>();
-    for (const table of tables) {
+    for (const table of turns) {
+      const from = table === PAUSED ? 5_000_000 : 1; // the WAL table's second bulk: ids of its own
       const start = performance.now();
-      await sql.unsafe(`INSERT INTO ${table} (id, customer_id, total, status)
-                        SELECT g, g % 1000, g * 0.5, 'new' FROM generate_series(1, ${ROWS}) g`);
+      await paused(table, () => sql.unsafe(`INSERT INTO ${target(table)} (id, customer_id, total, status)
+                        SELECT g, g % 1000, g * 0.5, 'new' FROM generate_series(${from}, ${from + ROWS - 1}) g`));
       bulk.set(table, performance.now() - start);
     }
     const plain = summarize(latencies.get("plain")!);
-    const rows = tables.map((table) => {
+    const rows = turns.map((table) => {
       const s = summarize(latencies.get(table)!);
       return [table, fixed(s.p50, 3), fixed(s.p99, 3), `${fixed(s.p50 / plain.p50, 2)}×`, fixed(bulk.get(table)!, 0),
         `${fixed(bulk.get(table)! / bulk.get("plain")!, 2)}×`];

@@ -23,7 +23,7 @@
 
 import client from "prom-client";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
-import type { ReservedSql, Sql } from "../db.ts";
+import { connect, type ReservedSql, type Sql } from "../db.ts";
 import { toError } from "../errors.ts";
 import { failpoint } from "../engine/failpoints.ts";
 import type { Logger } from "../log.ts";
@@ -200,12 +200,20 @@ class WalReader {
   #confirmedAtWritten = 0;
   #failed = false;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
+  /**
+   * The outbox transactions' own connection, outside the relay's pool: a connection the server drops
+   * in the middle of one stays broken in postgres.js (its queries fail, it never reconnects), so it
+   * must not go back to a shared pool. The reader ends this one with itself; the next reader opens
+   * a new one.
+   */
+  readonly #writer: Sql;
   streaming = false;
   ended = false;
 
   constructor(slot: string, options: WalCaptureOptions) {
     this.#slot = slot;
     this.#options = options;
+    this.#writer = connect(options.postgresUrl, { max: 1, keepAlive: true, applicationName: `pg-tide wal writer ${slot}` });
     this.#service = new LogicalReplicationService(
       { connectionString: options.postgresUrl, application_name: `pg-tide wal ${slot}` } as never,
       // Never confirm on the library's own: a position is confirmed only after its outbox commit.
@@ -298,7 +306,7 @@ class WalReader {
     const rows = tx.rows;
     tx.rows = [];
     if (!tx.conn) {
-      tx.conn = await this.#options.sql.reserve();
+      tx.conn = await this.#writer.reserve();
       // Durable before the slot's position moves past it, whatever the server's default.
       await tx.conn.unsafe("BEGIN; SET LOCAL synchronous_commit = on");
     }
@@ -379,6 +387,7 @@ class WalReader {
       await tx.conn.unsafe("ROLLBACK").catch(() => {});
       tx.conn.release();
     }
+    await this.#writer.end({ timeout: 0 }).catch(() => {});
     await this.#service.stop().catch(() => {});
     this.ended = true;
   }

@@ -60,10 +60,16 @@ export function parseFailpoints(spec: string | undefined): Map<FailpointName, Fa
 }
 
 let active: Map<FailpointName, Failpoint> | undefined;
+/** The TIDE_FAILPOINTS text `active` was parsed from. */
+let loadedFrom: string | undefined;
 
-/** Reads TIDE_FAILPOINTS (once); the relay calls it at start so that a bad value stops it there. */
+/** Reads TIDE_FAILPOINTS (again only when it changed); the relay calls it at start so that a bad value stops it there. */
 export function loadFailpoints(): void {
-  active ??= parseFailpoints(env("TIDE_FAILPOINTS"));
+  // Read again when it changed: a relay started in-process (the tests) sees the value of its start.
+  const text = env("TIDE_FAILPOINTS");
+  if (active !== undefined && text === loadedFrom) return;
+  active = parseFailpoints(text);
+  loadedFrom = text;
 }
 
 /** Reached a named point: does nothing unless TIDE_FAILPOINTS names it. */

@@ -331,3 +331,46 @@ describe("without wal_level = logical", () => {
     }
   }, 120_000);
 });
+
+describe("the outbox transaction's connection dropped by the server", () => {
+  // A server of its own: no other capture's slot reaches the failpoint first.
+  let own: LogicalPostgres;
+  beforeAll(async () => {
+    own = await startLogicalPostgres("dropped_writer");
+  }, 120_000);
+  afterAll(async () => {
+    await own?.stop();
+  });
+
+  it("is not handed back to the relay's pool: every connection of the pool still answers, and every change arrives", async () => {
+    const outbox = "dropped_writer";
+    const table = `${outbox}_rows`;
+    await own.sql.unsafe(`SELECT tide.outbox_create('${outbox}')`);
+    await own.sql.unsafe(`CREATE TABLE ${table} (id int PRIMARY KEY)`);
+    await own.sql.unsafe(`SELECT tide.capture_table('${table}', '${outbox}', p_mode => 'wal')`);
+    await own.sql.unsafe(`INSERT INTO ${table} SELECT generate_series(1, 10)`);
+    // The first outbox transaction is held open at the failpoint; the server ends its session meanwhile.
+    const previous = process.env.TIDE_FAILPOINTS;
+    process.env.TIDE_FAILPOINTS = "wal.before-outbox-commit@1=pause=8000";
+    let relay: Relay | undefined;
+    try {
+      relay = await startRelay(own.url);
+      const pid = await waitFor("the outbox transaction held open", async () => (await own.sql<{ pid: number }[]>`
+        SELECT pid FROM pg_stat_activity
+         WHERE datname = current_database() AND state = 'idle in transaction' AND pid <> pg_backend_pid()`)[0]?.pid);
+      await own.sql`SELECT pg_terminate_backend(${pid})`;
+      await own.sql.unsafe(`INSERT INTO ${table} SELECT generate_series(11, 20)`);
+      const ids = async () =>
+        (await own.sql.unsafe(`SELECT DISTINCT (headers -> 'key' ->> 'id')::int AS id FROM tide.outbox_messages WHERE outbox = '${outbox}'`)).length;
+      await waitFor("every change, read again after the failed transaction", async () => (await ids()) === 20, 30_000);
+      // As many statements at once as the relay's pool has connections: each one answers.
+      const answers = await Promise.all(Array.from({ length: 10 }, () =>
+        relay!.sql`SELECT 1 AS one, pg_sleep(0.05)`.then(() => "ok", (error: Error & { code?: string }) => error.code ?? error.message)));
+      expect(answers.filter((a) => a !== "ok")).toEqual([]);
+    } finally {
+      if (previous === undefined) delete process.env.TIDE_FAILPOINTS;
+      else process.env.TIDE_FAILPOINTS = previous;
+      await relay?.stop();
+    }
+  }, 90_000);
+});
