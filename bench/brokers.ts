@@ -28,7 +28,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, medianRun, payloadOfSize, processMemory, scratchDatabase,
-  spawnRelay, startCpuAccount, summarize, waitForQuiet, wallClockMs,
+  spawnRelay, startCpuAccount, summarize, waitForQuiet, wallClockMs, onlyFlag,
 } from "./support.ts";
 import { createTarget, KAFKA_BROKER, NATS_URL, type Target } from "./targets.ts";
 
@@ -37,7 +37,7 @@ const BATCH = intFlag("batch", 500);
 const RATE = intFlag("rate", 500);
 const SECONDS = intFlag("seconds", 20);
 const RUNS = intFlag("runs", 3);
-const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+const ONLY = onlyFlag(["drain", "latency", "reverse"]);
 const TIME_LIMIT_MS = 600_000;
 const PUBLISHER_CONNECTIONS = 8;
 

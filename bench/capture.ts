@@ -8,13 +8,17 @@
 // insert of --rows (the WAL table a second time with the relay paused: the writer's own cost), the change → webhook latency p50/p99 of trigger vs WAL capture at --latency-rate
 // (1000) rows/s, the modes alternating in --latency-rounds (3) rounds of --latency-seconds (10) each,
 // and the relay's peak RSS while it reads one source transaction of --big-mb MiB. --only latency
-// runs the latency comparison alone.
-//   bun bench/capture.ts --wal [--rows 100000] [--singles 4000] [--clients 8] [--big-mb 100] [--only latency]
+// runs the latency comparison alone. --pin (Linux, taskset) gives the capture a core of its own, as a
+// database server with cores to spare would: the writers (this process and their backends, and every
+// other PostgreSQL process) run on CPU 0, the relay, the WAL sender it streams from and the relay's own
+// backends on CPU 1, for every table's turn alike.
+//   bun bench/capture.ts --wal [--rows 100000] [--singles 4000] [--clients 8] [--big-mb 100] [--only latency] [--pin]
 // Figures go to stdout; nothing is asserted.
 
 import {
-  connectTo, describeMachine, fixed, intFlag, markdownTable, type Sql, scratchDatabase, spawnRelay, startReceiver, summarize,
+  connectTo, describeMachine, fixed, intFlag, markdownTable, type Sql, scratchDatabase, spawnRelay, startReceiver, summarize, onlyFlag,
 } from "./support.ts";
+import { readdirSync, readFileSync } from "node:fs";
 import { startEmbeddedPostgres } from "../core/embedded.ts";
 import { installSchema } from "../core/schema.ts";
 
@@ -123,8 +127,8 @@ async function walMode() {
     await sql`SELECT tide.capture_table('wal', 'changes', p_mode => 'wal')`;
     relay = spawnRelay(url);
     await relay.logged("reading WAL capture slot");
-    const only = process.argv[process.argv.indexOf("--only") + 1];
-    if (process.argv.includes("--only") && only === "latency") {
+    const pinned = process.argv.includes("--pin") ? await pinCapture(sql, relay.pid) : undefined;
+    if (onlyFlag(["latency"]) === "latency") {
       await walLatency(sql);
       return;
     }
@@ -134,6 +138,7 @@ async function walMode() {
     const PAUSED = "wal, relay paused";
     const turns = [...tables, PAUSED];
     const paused = async <T>(table: string, run: () => Promise<T>): Promise<T> => {
+      await pinned?.(); // backends the relay opened since
       if (table !== PAUSED) return await run();
       process.kill(relay!.pid, "SIGSTOP");
       try {
@@ -173,7 +178,7 @@ async function walMode() {
       return [table, fixed(s.p50, 3), fixed(s.p99, 3), `${fixed(s.p50 / plain.p50, 2)}×`, fixed(bulk.get(table)!, 0),
         `${fixed(bulk.get(table)! / bulk.get("plain")!, 2)}×`];
     });
-    console.log(`\n### Capture modes: writer cost (PostgreSQL ${version}, ${clients} clients, ${singles} single-row inserts per table, ${ROWS}-row bulk insert)\n`);
+    console.log(`\n### Capture modes: writer cost (PostgreSQL ${version}, ${clients} clients, ${singles} single-row inserts per table, ${ROWS}-row bulk insert${pinned ? "; capture pinned to CPU 1, writers to CPU 0" : ""})\n`);
     console.log(markdownTable(["table", "single insert p50 ms", "p99 ms", "p50 / plain", "bulk INSERT ms", "bulk / plain"], rows));
 
     // One large source transaction: the relay's peak RSS while it writes it into the outbox.
@@ -282,4 +287,52 @@ if (process.argv.includes("--wal")) {
 } else {
   await writeOverhead();
   await changeLatency();
+}
+
+/**
+ * --pin: every process of the server and this one (the writers) on CPU 0; the relay (all threads),
+ * the WAL sender and the relay's backends on CPU 1. Returns a function that pins the relay's
+ * backends opened since (run before each turn).
+ */
+async function pinCapture(sql: Sql, relayPid: number): Promise<() => Promise<void>> {
+  const taskset = (cpu: number, pid: number) => {
+    const result = Bun.spawnSync(["taskset", "-a", "-p", "-c", String(cpu), String(pid)], { stdout: "ignore", stderr: "pipe" });
+    if (result.exitCode !== 0 && existsPid(pid)) throw new Error(`taskset ${pid}: ${result.stderr.toString().trim()}`);
+  };
+  const [{ backend }] = await sql`SELECT pg_backend_pid() AS backend`;
+  const postmaster = parentOf(backend);
+  taskset(0, process.pid);
+  taskset(0, postmaster);
+  for (const pid of childrenOf(postmaster)) taskset(0, pid);
+  const captureSide = async () => {
+    const rows = await sql<{ pid: number }[]>`
+      SELECT pid FROM pg_stat_activity WHERE backend_type = 'walsender' OR application_name LIKE 'pg-tide%'`;
+    taskset(1, relayPid);
+    for (const { pid } of rows) taskset(1, pid);
+  };
+  await captureSide();
+  return captureSide;
+}
+
+function parentOf(pid: number): number {
+  return Number(/^PPid:\s+(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
+}
+
+function childrenOf(parent: number): number[] {
+  return readdirSync("/proc").filter((name) => /^\d+$/.test(name)).map(Number).filter((pid) => {
+    try {
+      return parentOf(pid) === parent;
+    } catch {
+      return false; // gone meanwhile
+    }
+  });
+}
+
+function existsPid(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
 }

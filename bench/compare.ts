@@ -28,7 +28,7 @@ import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jet
 import postgres from "postgres";
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, processCpuSeconds, processMemory,
-  scratchDatabase, spawnRelay, startCpuAccount, waitForQuiet,
+  scratchDatabase, spawnRelay, startCpuAccount, waitForQuiet, onlyFlag,
 } from "./support.ts";
 import { createTarget, KAFKA_BROKER, NATS_URL, type Target } from "./targets.ts";
 
@@ -60,7 +60,7 @@ const MESSAGES = intFlag("messages", 100_000);
 const RUNS = intFlag("runs", 3);
 /** Exploration only: the relay's batch_size (the figures to report use the default). */
 const RELAY_BATCH = process.argv.includes("--relay-batch") ? intFlag("relay-batch", 100) : undefined;
-const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+const ONLY = onlyFlag(["nats", "kafka"]);
 const SINKS = (["nats", "kafka"] as Sink[]).filter((s) => !ONLY || s === ONLY);
 const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 

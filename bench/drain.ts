@@ -15,13 +15,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, medianRun, payloadOfSize, processMemory, type Receiver,
-  scratchDatabase, spawnRelay, startCpuAccount, startReceiver, undisturbed, waitForQuiet,
+  scratchDatabase, spawnRelay, startCpuAccount, startReceiver, undisturbed, waitForQuiet, onlyFlag,
 } from "./support.ts";
 
 const MESSAGES = intFlag("messages", 100_000);
 const RUNS = intFlag("runs", 3);
 const TIME_LIMIT_MS = 600_000;
-const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
+const ONLY = onlyFlag(["file", "webhook"]);
 
 interface Case {
   name: string;

@@ -4,7 +4,14 @@
 // - 1 relay × 1 lane (the default), 1 relay × 4 lanes, 2 relays × 4 lanes (same relay group: each
 //   relay owns two lanes).
 //
-//   ./node_modules/.bin/bun bench/lanes.ts [--messages 100000] [--runs 3] [--only nats|kafka]
+//   ./node_modules/.bin/bun bench/lanes.ts [--messages 100000] [--runs 3] [--only nats|kafka|webhook]
+//                                          [--webhook-messages 4000] [--webhook-ms 5]
+//
+// "webhook" is a sink whose every request takes --webhook-ms to answer (a receiver in this process
+// that waits that long before its 204), in the webhook plugin's default single mode: one message per
+// request, in order, as a remote endpoint with a round trip of that length sees it. There a lane is
+// bound by the sink's latency, not by CPU, which is what lanes are for. It drains --webhook-messages
+// (fewer: one lane delivers about 1000 / --webhook-ms messages a second) and also 2 relays × 8 lanes.
 //
 // The outbox holds `--messages` messages of ~1 KiB with a `key` header over 500 keys (the default
 // lane key), one INSERT ... SELECT, VACUUM ANALYZE, CHECKPOINT. Each setup gets a pipeline of its own
@@ -24,20 +31,22 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, processMemory,
-  type RelayProcess, scratchDatabase, spawnRelay, startCpuAccount, waitForQuiet,
+  type RelayProcess, scratchDatabase, spawnRelay, startCpuAccount, waitForQuiet, onlyFlag,
 } from "./support.ts";
-import { createTarget, KAFKA_BROKER, NATS_URL } from "./targets.ts";
+import { createTarget, KAFKA_BROKER, NATS_URL, type Target } from "./targets.ts";
 
 const KEYS = 500;
 const TIME_LIMIT_MS = 600_000;
 const QUIET_WAIT_MS = 20_000;
 
-type Sink = "nats" | "kafka";
+type Sink = "nats" | "kafka" | "webhook";
 interface Setup {
   relays: number;
   lanes: number;
 }
 const SETUPS: Setup[] = [{ relays: 1, lanes: 1 }, { relays: 1, lanes: 4 }, { relays: 2, lanes: 4 }];
+const WEBHOOK_SETUPS: Setup[] = [...SETUPS, { relays: 2, lanes: 8 }];
+const setupsOf = (sink: Sink) => (sink === "webhook" ? WEBHOOK_SETUPS : SETUPS);
 const label = (s: Setup) => `${s.relays} × ${s.lanes}`;
 
 interface Measured {
@@ -51,8 +60,11 @@ interface Measured {
 
 const MESSAGES = intFlag("messages", 100_000);
 const RUNS = intFlag("runs", 3);
-const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
-const SINKS = (["nats", "kafka"] as Sink[]).filter((s) => !ONLY || s === ONLY);
+const WEBHOOK_MESSAGES = intFlag("webhook-messages", 4_000);
+const WEBHOOK_MS = intFlag("webhook-ms", 5);
+const ONLY = onlyFlag(["nats", "kafka", "webhook"]);
+const SINKS = (["nats", "kafka", "webhook"] as Sink[]).filter((s) => !ONLY || s === ONLY);
+const messagesOf = (sink: Sink) => (sink === "webhook" ? WEBHOOK_MESSAGES : MESSAGES);
 const token = () => `${Date.now().toString(36)}${Math.random().toString(36).slice(2, 8)}`;
 
 const kafka = new Kafka({ clientId: "tide-bench-lanes", brokers: [KAFKA_BROKER], logLevel: logLevel.NOTHING });
@@ -60,12 +72,14 @@ const nc: NatsConnection = await connect({ servers: NATS_URL });
 const jsm: JetStreamManager = await jetstreamManager(nc);
 
 console.log(await describeMachine());
-console.log(`${MESSAGES} messages of ~1 KiB over ${KEYS} keys per run, ${RUNS} runs; setups (relays × lanes): ${SETUPS.map(label).join(", ")}\n`);
+console.log(`${MESSAGES} messages of ~1 KiB over ${KEYS} keys per run (webhook answering in ${WEBHOOK_MS} ms: ${WEBHOOK_MESSAGES}), ` +
+  `${RUNS} runs; setups (relays × lanes): ${SETUPS.map(label).join(", ")} (webhook also 2 × 8)\n`);
 
 const results: { sink: Sink; run: number; measured: Measured[] }[] = [];
 for (let run = 1; run <= RUNS; run++) {
   for (const sink of SINKS) {
-    const order = SETUPS.map((_, i) => SETUPS[(i + run - 1) % SETUPS.length]!);
+    const setups = setupsOf(sink);
+    const order = setups.map((_, i) => setups[(i + run - 1) % setups.length]!);
     const measured = await drainAll(sink, order);
     results.push({ sink, run, measured });
     const base = measured.find((m) => m.setup.lanes === 1)!;
@@ -80,14 +94,14 @@ const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floo
 const range = (values: number[], digits = 2) => `${fixed(Math.min(...values), digits)}–${fixed(Math.max(...values), digits)}`;
 const rows: (string | number)[][] = [];
 for (const sink of SINKS) {
-  for (const setup of SETUPS) {
+  for (const setup of setupsOf(sink)) {
     const own = results.filter((r) => r.sink === sink).map((r) => {
       const m = r.measured.find((x) => label(x.setup) === label(setup))!;
       const base = r.measured.find((x) => x.setup.lanes === 1)!;
       return { ...m, ratio: m.msgsPerSecond / base.msgsPerSecond };
     });
     rows.push([
-      sink === "nats" ? "NATS JetStream" : "Kafka (4 partitions)", label(setup),
+      sink === "nats" ? "NATS JetStream" : sink === "kafka" ? "Kafka (4 partitions)" : `webhook answering in ${WEBHOOK_MS} ms`, label(setup),
       `${fixed(median(own.map((m) => m.msgsPerSecond)), 0)} (${range(own.map((m) => m.msgsPerSecond), 0)})`,
       `${fixed(median(own.map((m) => m.ratio)), 2)} (${range(own.map((m) => m.ratio))})`,
       fixed(median(own.map((m) => m.relayCores)), 2),
@@ -109,7 +123,7 @@ async function drainAll(sink: Sink, order: Setup[]): Promise<Measured[]> {
       INSERT INTO tide.outbox_messages (outbox, payload, headers)
       SELECT 'bench', ${sql.json(payloadOfSize(1024) as never)}::jsonb || jsonb_build_object('order_id', g),
              jsonb_build_object('event_type', 'order.created', 'key', 'customer-' || (g % ${KEYS}))
-        FROM generate_series(1, ${MESSAGES}) g`;
+        FROM generate_series(1, ${messagesOf(sink)}) g`;
     await sql`VACUUM ANALYZE tide.outbox_messages`;
     await sql`CHECKPOINT`;
     const measured: Measured[] = [];
@@ -126,7 +140,7 @@ async function drainAll(sink: Sink, order: Setup[]): Promise<Measured[]> {
 
 async function drain(sink: Sink, sql: ReturnType<typeof connectTo>, db: { url: string; name: string }, setup: Setup): Promise<Measured> {
   const pipeline = `lanes-${setup.relays}x${setup.lanes}`;
-  const target = await createTarget({ kafka, jsm }, sink, `${pipeline}-${token()}`, sink === "kafka" ? 4 : 1);
+  const target = sink === "webhook" ? slowWebhook() : await createTarget({ kafka, jsm }, sink, `${pipeline}-${token()}`, sink === "kafka" ? 4 : 1);
   const relays: RelayProcess[] = [];
   try {
     await sql`SELECT tide.relay_set_outbox(${pipeline}, 'bench', ${sink}, ${sql.json({ ...target.config, lanes: setup.lanes } as never)})`;
@@ -156,11 +170,11 @@ async function drain(sink: Sink, sql: ReturnType<typeof connectTo>, db: { url: s
     const problems = relays.flatMap((r) => r.problems);
     if (problems.length > 0) console.log(`  relay warnings:\n  ${problems.slice(0, 5).join("\n  ")}`);
     const stored = await target.count();
-    if (stored < MESSAGES) throw new Error(`${sink} ${label(setup)}: the target holds ${stored} messages, not ${MESSAGES}`);
+    if (stored < messagesOf(sink)) throw new Error(`${sink} ${label(setup)}: the target holds ${stored} messages, not ${messagesOf(sink)}`);
     const used = (k: "postgres" | "children" | "others") => (last!.cpu[k] - first!.cpu[k]) / seconds;
     return {
       setup,
-      msgsPerSecond: MESSAGES / seconds,
+      msgsPerSecond: messagesOf(sink) / seconds,
       relayCores: used("children"),
       postgresCores: used("postgres"),
       otherCores: used("others"),
@@ -171,4 +185,24 @@ async function drain(sink: Sink, sql: ReturnType<typeof connectTo>, db: { url: s
     await sql`SELECT tide.relay_delete(${pipeline})`;
     await target.drop();
   }
+}
+
+/** A webhook that answers every request after WEBHOOK_MS, counting the messages it received. */
+function slowWebhook(): Target {
+  let received = 0;
+  const server = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(request) {
+      await request.arrayBuffer();
+      await Bun.sleep(WEBHOOK_MS);
+      received++;
+      return new Response(null, { status: 204 });
+    },
+  });
+  return {
+    config: { url: `http://127.0.0.1:${server.port}/hook` },
+    count: async () => received,
+    drop: async () => void server.stop(true),
+  };
 }

@@ -24,15 +24,14 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import {
   connectTo, describeMachine, fixed, intFlag, markdownTable, payloadOfSize, processCpuSeconds, scratchDatabase,
-  startCpuAccount, summarize, waitForQuiet,
+  startCpuAccount, summarize, waitForQuiet, onlyFlag,
 } from "./support.ts";
 
 const SECONDS = intFlag("seconds", 10);
 const CLIENTS = intFlag("clients", 8);
 const RUNS = intFlag("runs", 5);
 const PAYLOAD_BYTES = intFlag("payload-bytes", 1024);
-const ONLY = process.argv.includes("--only") ? process.argv[process.argv.indexOf("--only") + 1] : undefined;
-if (ONLY !== undefined && ONLY !== "pgbench" && ONLY !== "statements") throw new Error("--only must be pgbench or statements");
+const ONLY = onlyFlag(["pgbench", "statements"]);
 const LOOP = 20_000;
 const WARMUP_SECONDS = 2;
 

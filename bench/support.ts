@@ -249,6 +249,15 @@ export function intFlag(name: string, fallback: number): number {
   return value;
 }
 
+/** `--only X` from argv, one of `choices` (refused otherwise), else undefined: run everything. */
+export function onlyFlag<T extends string>(choices: readonly T[]): T | undefined {
+  const at = process.argv.indexOf("--only");
+  if (at < 0) return undefined;
+  const value = process.argv[at + 1] as T;
+  if (!choices.includes(value)) throw new Error(`--only must be one of ${choices.join(", ")} (got ${value ?? "nothing"})`);
+  return value;
+}
+
 /** CPU, cores, RAM, PostgreSQL and Bun versions and the settings that shape commit latency. */
 export async function describeMachine(): Promise<string> {
   const cpuinfo = readFileSync("/proc/cpuinfo", "utf8");

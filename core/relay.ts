@@ -72,9 +72,8 @@ export class Relay {
   readonly #options: RelayOptions;
   #retentionTimer: ReturnType<typeof setInterval> | undefined;
   #lagCheckpointTimer: ReturnType<typeof setInterval> | undefined;
-  /** The chore still running from an earlier tick: a tick never starts a second one beside it. */
-  readonly #running = new Set<string>();
-  readonly #chores = new Set<Promise<void>>();
+  /** The chores running now, by name: a tick never starts a second one beside one still running; stop waits for them. */
+  readonly #chores = new Map<string, Promise<void>>();
   #server: HttpServer | undefined;
   readonly #spans: SpanExporter | undefined;
   /** Readers of the tables captured from the WAL (tide.capture_table(..., p_mode => 'wal')). */
@@ -169,7 +168,7 @@ export class Relay {
     await this.coordinator.stop();
     await this.#spans?.stop();
     await this.#server?.stop();
-    await within(Promise.all(this.#chores), CHORE_STOP_MS);
+    await within(Promise.all(this.#chores.values()), CHORE_STOP_MS);
     // Nothing of ours runs now. A connection the database dropped can still hold end() up: postgres.js
     // keeps the failed query on it and waits for it until the timeout (porsager/postgres#1097), so a
     // stop after the database went away would take the whole timeout. Give live connections a moment
@@ -254,15 +253,13 @@ export class Relay {
   }
 
   async #chore(name: string, run: () => Promise<void>): Promise<void> {
-    if (this.#running.has(name)) return;
-    this.#running.add(name);
+    if (this.#chores.has(name)) return;
     const chore = run().catch((error) => this.#options.logger.warn(`${name} failed`, { error: toError(error) }));
-    this.#chores.add(chore);
+    this.#chores.set(name, chore);
     try {
       await chore;
     } finally {
-      this.#running.delete(name);
-      this.#chores.delete(chore);
+      this.#chores.delete(name);
     }
   }
 

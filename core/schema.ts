@@ -17,6 +17,7 @@ import m011 from "../sql/011_console.sql" with { type: "text" };
 import m012 from "../sql/012_wal_capture.sql" with { type: "text" };
 import m013 from "../sql/013_relay_functions.sql" with { type: "text" };
 import m014 from "../sql/014_wal_slot_limit.sql" with { type: "text" };
+import m015 from "../sql/015_lane_reads.sql" with { type: "text" };
 import { ConfigError } from "./errors.ts";
 import { VERSION } from "./version.ts";
 
@@ -42,6 +43,7 @@ export const MIGRATIONS: readonly Migration[] = [
   { version: 12, name: "wal_capture", sql: m012 },
   { version: 13, name: "relay_functions", sql: m013 },
   { version: 14, name: "wal_slot_limit", sql: m014 },
+  { version: 15, name: "lane_reads", sql: m015 },
 ];
 
 export const SCHEMA_VERSION = MIGRATIONS[MIGRATIONS.length - 1].version;

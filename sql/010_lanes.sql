@@ -2,7 +2,8 @@
 -- (config `lane_key`, default the message's `key` header). Each lane is its own consumer group: lane 0
 -- is the pipeline's consumer group itself, lane i (1..N-1) the group `<group>.lane-<i>-of-<N>`. A lane
 -- reads the whole outbox and delivers only the messages of its lane, skipping the others like filtered
--- messages; so the position algorithm of 002 and its proof hold per lane unchanged.
+-- messages; so the position algorithm of 002 and its proof hold per lane unchanged. (Since 015 the
+-- database returns a lane only its own messages; lanes made before keep this rule.)
 --
 -- Each lane is also its own unit of ownership: the advisory lock (hashtext(relay_group_id),
 -- hashtext('<pipeline>#<lane>')) (a one-lane pipeline keeps hashtext('<pipeline>')), and one row of

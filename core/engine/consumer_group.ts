@@ -13,8 +13,17 @@ import { batchOf, type Batch, type Fence, type FencedRow } from "./forward_batch
 /** The pipeline's lane groups were made for another number of lanes: tide.consumer_lanes_ensure refused. */
 export class LanesRefused extends Error {}
 
+/** The lane a group is read as when the database filters it (tide.lane_filter): `key` is the lane key's path. */
+export interface LaneFilter {
+  lane: number;
+  lanes: number;
+  key: string[];
+}
+
 export class ConsumerGroup {
   readonly #sql: Sql;
+  /** JSON of the LaneFilter every read passes (p_lane), or null: the group is not read as a lane by the database. */
+  #lane: string | null = null;
   readonly #outbox: string;
   readonly #group: string;
   readonly #relayGroupId: string;
@@ -35,25 +44,33 @@ export class ConsumerGroup {
 
   /**
    * Creates the lanes' consumer groups (all at once, at the position of `baseGroup`, lane 0's) when
-   * they do not exist yet. A pipeline that ran with another number of lanes is refused with the
-   * reason (LanesRefused, naming `pipeline`).
+   * they do not exist yet, and records the lane each is read as. A pipeline that ran with another
+   * number of lanes or another lane key is refused with the reason (LanesRefused, naming
+   * `pipeline`). True when the database reads this group as `lane` (only the lane's messages come
+   * back); false for one lane, and for lanes made before schema version 15, whose reads return every
+   * message for the relay to pick its lane's.
    */
-  async ensureLanes(baseGroup: string, lanes: number, pipeline: string): Promise<void> {
+  async prepareLanes(baseGroup: string, lane: LaneFilter, pipeline: string): Promise<boolean> {
+    let inDatabase: boolean;
     try {
-      await this.#sql`
-        SELECT tide.consumer_lanes_ensure(${this.#outbox}, ${baseGroup}, ${lanes}, ${this.#relayGroupId})`;
+      [{ inDatabase }] = await this.#sql<{ inDatabase: boolean }[]>`
+        SELECT tide.consumer_lanes_prepare(${this.#outbox}, ${baseGroup}, ${lane.lanes}, ${this.#relayGroupId},
+                                           ${lane.key.join(".")}) AS "inDatabase"`;
     } catch (error) {
       const { code, message, hint } = error as { code?: string; message: string; hint?: string };
       if (code !== "55000") throw error;
       throw new LanesRefused(`pipeline "${pipeline}": ${message}${hint ? `; ${hint}` : ""}`);
     }
+    this.#lane = inDatabase ? JSON.stringify(lane) : null;
+    return inDatabase;
   }
 
   /** The next batch of up to `limit` messages from the group's position; undefined when there is none. */
   async read(limit: number, ownerEpoch: bigint): Promise<Batch | undefined> {
     return batchOf(await this.#sql<FencedRow[]>`
       SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-        FROM tide.consumer_read_batch(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, p_durable := false)`, ownerEpoch);
+        FROM tide.consumer_read_batch(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, p_durable := false,
+                                       p_lane := ${this.#lane}::text::jsonb)`, ownerEpoch);
   }
 
   /**
@@ -65,7 +82,8 @@ export class ConsumerGroup {
     const last = batch.messages[batch.messages.length - 1].id;
     return batchOf(await this.#sql<FencedRow[]>`
       SELECT id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
-        FROM tide.consumer_read_ahead(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, ${intervalSeq}, ${generation}, ${last})`,
+        FROM tide.consumer_read_ahead(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, ${intervalSeq}, ${generation}, ${last},
+                                       p_lane := ${this.#lane}::text::jsonb)`,
       ownerEpoch);
   }
 
@@ -89,7 +107,8 @@ export class ConsumerGroup {
     const rows = await this.#sql<(FencedRow & { moved: boolean })[]>`
       SELECT moved, id, outbox, topic, payload::text AS payload, headers::text AS headers, created_at, interval_seq, read_cursor, generation
         FROM tide.consumer_commit_read(${this.#outbox}, ${this.#group}, ${last}, ${count}, ${this.#relayGroupId}, ${fence.generation},
-                                       ${fence.intervalSeq}, ${fence.readCursor}, ${fence.ownerEpoch}, ${limit}, p_durable := false)`;
+                                       ${fence.intervalSeq}, ${fence.readCursor}, ${fence.ownerEpoch}, ${limit}, p_durable := false,
+                                       p_lane := ${this.#lane}::text::jsonb)`;
     if (!rows[0].moved) return undefined;
     return batchOf(rows, ownerEpoch) ?? null;
   }

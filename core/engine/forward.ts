@@ -93,6 +93,8 @@ export class ForwardWorker {
   /** The pipeline's own consumer group (lane 0's), from whose position the other lanes start. */
   readonly #baseGroup: string;
   #laneKey!: LaneKey;
+  /** The reads return every lane's messages (lanes made before schema version 15): this worker picks its own. */
+  #pickLane = false;
   /** isolate_poison: a failing message and its key's later messages are parked (tide.relay_held). */
   #isolate = false;
   /** The keys with parked messages, and when the next one is due for a retry. */
@@ -200,7 +202,9 @@ export class ForwardWorker {
           // The lanes' groups start together from lane 0's position (refused when the pipeline ran
           // with another number of lanes), then taking the lane over: from now on a former owner's
           // acknowledgements are refused.
-          await this.#group.ensureLanes(this.#baseGroup, this.lanes, this.#row.name);
+          const inDatabase = await this.#group.prepareLanes(this.#baseGroup,
+            { lane: this.lane, lanes: this.lanes, key: [this.#laneKey.root, ...this.#laneKey.path] }, this.#row.name);
+          this.#pickLane = this.lanes > 1 && !inDatabase;
           this.#ownerEpoch = await this.#group.claim();
         }
         if (this.#isolate && this.#held.due()) {
@@ -281,8 +285,9 @@ export class ForwardWorker {
   async #deliver(batch: OutboxMessage[], readNext = false): Promise<boolean> {
     const startedAt = Date.now();
     const stop = this.#stopping.signal;
-    // Other lanes' messages are skipped like filtered ones: the position moves past them.
-    const mine = this.lanes > 1 ? batch.filter((m) => laneOf(m, this.#laneKey, this.lanes) === this.lane) : batch;
+    // Lanes made before schema version 15 read every message: the other lanes' are skipped like
+    // filtered ones, the position moves past them.
+    const mine = this.#pickLane ? batch.filter((m) => laneOf(m, this.#laneKey, this.lanes) === this.lane) : batch;
     const { matching, undecided } = this.#filter
       ? matchFilter(this.#filter, mine, (error) => this.status.filterFailed(error)) : { matching: mine, undecided: [] };
     const formatted = this.#format ? matching.map(this.#format) : matching;

@@ -1,11 +1,11 @@
-// Keyed lanes: which lane of a pipeline a message belongs to. A pipeline with `lanes` = N splits its
-// outbox into N lanes by a key (`lane_key`, default the `key` header); each lane is its own consumer
-// group and its own unit of ownership, so the lanes spread over the relays while every key keeps its
-// order (all of a key's messages are in one lane, delivered in the outbox's order).
+// Keyed lanes: the lane settings of a pipeline and the names of its lanes. A pipeline with `lanes`
+// = N splits its outbox into N lanes by a key (`lane_key`, default the `key` header); each lane is its
+// own consumer group and its own unit of ownership, so the lanes spread over the relays while every
+// key keeps its order (all of a key's messages are in one lane, delivered in the outbox's order).
 //
-// The lane is decided when the relay reads a message, not when it is published: publishing costs
-// nothing more, and several pipelines with different lane counts can read one outbox. The price is
-// that each lane reads every row of the outbox and skips the other lanes' messages.
+// The database decides the lane while a lane reads (sql/015, tide.message_lane), so a lane receives
+// only its own messages. Lanes made before schema version 15 are read whole and this relay picks its
+// lane's messages with laneOf (FNV-1a), the rule their positions were made with.
 
 import { ConfigError } from "../errors.ts";
 import { stringifyJson } from "../json.ts";

@@ -139,6 +139,37 @@ describe("lanes", () => {
     }
   }, 90_000);
 
+  it("keeps delivering lanes made before schema version 15 (the relay picks its lane's messages), every key in order", async () => {
+    const sink = recordingWebhook();
+    try {
+      await db.sql`SELECT tide.outbox_create('legacy')`;
+      // Created disabled: the relay of the first test (relay group "lanes") is running.
+      await db.sql`SELECT tide.relay_set_outbox('legacy', 'legacy', 'webhook',
+                                                ${db.sql.json({ url: sink.url, lanes: 3, lane_key: "payload.key" })},
+                                                p_batch_size := 20, p_enabled := false)`;
+      await db.sql`INSERT INTO tide.outbox_messages (outbox, payload)
+                   SELECT 'legacy', jsonb_build_object('key', 'k' || (g % 17), 'seq', g) FROM generate_series(1, 300) g`;
+      // The groups a relay of schema version 14 made: no lane filter recorded.
+      await db.sql`SELECT tide.consumer_lanes_ensure('legacy', 'legacy', 3, 'lanes')`;
+      await db.sql`SELECT tide.relay_enable('legacy')`;
+      await waitFor("every lane to be caught up", async () => {
+        const lags = await laneLags("legacy", "lanes");
+        return lags.size === 3 && [...lags.values()].every((lag) => lag === 0n);
+      }, 60_000);
+      await db.sql`SELECT tide.relay_disable('legacy')`;
+      const sent = (await committedMessages(db.sql, ["legacy"])).map((m) => ({ ...m, key: m.key ?? "none" }));
+      const verdict = verifyDelivery(sent, sink.arrivals.map((a) => ({ ...a, body: keyed(a.body) })));
+      expect(verdict.missing).toEqual([]);
+      expect(verdict.outOfOrder).toEqual([]);
+      expect(verdict.duplicates).toBe(0);
+      // Still the relay's rule: no filter was put on groups whose positions were made without one.
+      const [{ filters }] = await db.sql`SELECT count(lane_filter) AS filters FROM tide.consumer_groups WHERE outbox_name = 'legacy'`;
+      expect(filters).toBe(0n);
+    } finally {
+      sink.stop();
+    }
+  }, 90_000);
+
   it("refuses to change the lanes or lane key of a pipeline whose lanes ran, naming what to do instead", async () => {
     const change = (config: Record<string, unknown>) =>
       db.sql`SELECT tide.relay_set_outbox('orders', 'orders', 'webhook', ${db.sql.json({ url: "http://127.0.0.1:9/hook", ...config })})`;

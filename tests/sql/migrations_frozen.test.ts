@@ -23,6 +23,7 @@ const RELEASED: Record<number, string> = {
   12: "e5967ad7eff8c2c4",
   13: "d4f142c6c6a9136f",
   14: "fd6708986d9ec274",
+  15: "0039a0a0effc6d1d",
 };
 
 /** The text without whole-line `--` comments (what a database runs). */
