@@ -264,6 +264,15 @@ async function walLatency(sql: Sql) {
         results.get(mode)!.push({ p50: s.p50, p99: s.p99, delivered: latencies.length, total: Math.ceil(total / writers) * writers });
       }
     }
+    // Where a WAL change's time goes: until its outbox transaction began (the outbox row's created_at
+    // is now() of that transaction), and from there to the webhook.
+    const [split] = await sql`
+      SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM m.created_at - (m.payload->'record'->>'created_at')::timestamptz) * 1000) AS to_outbox_p50,
+             percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM m.created_at - (m.payload->'record'->>'created_at')::timestamptz) * 1000) AS to_outbox_p99,
+             count(DISTINCT m.txid) AS outbox_transactions, count(*) AS messages
+        FROM tide.outbox_messages m WHERE m.outbox = 'lat_wal'`;
+    console.log(`WAL: row written → its outbox transaction began: p50 ${fixed(split.to_outbox_p50)} ms, p99 ${fixed(split.to_outbox_p99)} ms; ` +
+      `${split.messages} changes in ${split.outbox_transactions} outbox transactions`);
     const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
     const trigger = results.get("trigger")!;
     const rows = modes.map((mode) => {

@@ -4,7 +4,9 @@
 // transaction of its own (tide.wal_capture_write, a chunk of rows at a time, so memory stays bounded
 // however large the source transaction), and only after that commit confirms the slot's position.
 // Source transactions already received behind the one at hand join its outbox transaction (up to
-// MAX_BATCHED_TRANSACTIONS): many small writes cost one write call and one commit, not one each.
+// MAX_BATCHED_TRANSACTIONS), and so do those still on their way while the reader is behind (the
+// source committed over BEHIND_MS ago): many small writes cost one write call and one commit, not one
+// each, and a reader that fell behind catches up instead of staying behind by as much.
 // A crash before the commit loses nothing (the slot hands the transactions out again); a crash after
 // the commit and before the confirmation writes their messages a second time.
 //
@@ -48,6 +50,17 @@ const CONFIRMED_AT_INTERVAL_MS = 5_000;
 const LAG_WARNING_INTERVAL_MS = 60_000;
 /** Source transactions at most in one outbox transaction (each source transaction is whole in one). */
 const MAX_BATCHED_TRANSACTIONS = 500;
+/**
+ * A source transaction that committed longer ago than this says the reader is behind: the server has
+ * more to send, so the outbox transaction waits for it (CATCH_UP_WAIT_MS at most) instead of
+ * committing a few source transactions at a time and staying behind. (Compares the server's commit
+ * time with this host's clock: a clock ahead only adds CATCH_UP_WAIT_MS to a commit, one behind only
+ * forgoes the joining.)
+ */
+const BEHIND_MS = 20;
+const CATCH_UP_WAIT_MS = 5;
+/** An outbox transaction open this long commits at its next source transaction's end, behind or not. */
+const MAX_JOIN_MS = 50;
 
 /** A row of tide.wal_capture_status, as the reconcile reads it. */
 interface SlotHealth {
@@ -195,9 +208,13 @@ class WalReader {
    * The outbox transaction being built: rows not yet written, the connection it runs on, and how
    * many source transactions it holds whole.
    */
-  #tx: { rows: Row[]; columns: Column[]; conn?: ReservedSql; sources: number } | undefined;
+  #tx: { rows: Row[]; columns: Column[]; conn?: ReservedSql; sources: number; openedAt: number } | undefined;
   #confirmed = "0/0";
   #confirmedAtWritten = 0;
+  /** Commits the outbox transaction when the next source transaction does not come soon (#commit). */
+  #closeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** That commit, while it runs: the next message waits for it. */
+  #closing: Promise<void> | undefined;
   #failed = false;
   #heartbeat: ReturnType<typeof setInterval> | undefined;
   /**
@@ -248,10 +265,14 @@ class WalReader {
 
   async #onMessage(_lsn: string, message: any): Promise<void> {
     if (this.#failed) return;
+    clearTimeout(this.#closeTimer); // a source transaction came: it joins the open outbox transaction
+    this.#closeTimer = undefined;
+    if (this.#closing) await this.#closing;
+    if (this.#failed) return;
     try {
       switch (message.tag) {
         case "begin":
-          this.#tx ??= { rows: [], columns: this.#columns, sources: 0 };
+          this.#tx ??= { rows: [], columns: this.#columns, sources: 0, openedAt: Date.now() };
           return;
         case "relation":
           if (this.#tx?.rows.length) await this.#flush();
@@ -273,7 +294,7 @@ class WalReader {
           await this.#push({ op: "truncate" });
           return;
         case "commit":
-          await this.#commit(message.commitEndLsn as string);
+          await this.#commit(message.commitEndLsn as string, message.commitTime as bigint | undefined);
           return;
       }
     } catch (error) {
@@ -318,12 +339,32 @@ class WalReader {
     ]);
   }
 
-  async #commit(commitEndLsn: string): Promise<void> {
+  async #commit(commitEndLsn: string, commitTime: bigint | undefined): Promise<void> {
     const tx = this.#tx;
     if (!tx) return;
     tx.sources++;
-    // More received and waiting (the stream is paused while we work): it joins this outbox transaction.
-    if (this.#queued() > 0 && tx.sources < MAX_BATCHED_TRANSACTIONS) return;
+    if (tx.sources < MAX_BATCHED_TRANSACTIONS && Date.now() - tx.openedAt < MAX_JOIN_MS) {
+      // More received and waiting (the stream is paused while we work): it joins this outbox transaction.
+      if (this.#queued() > 0) return;
+      // Nothing received yet, but this one committed a while ago: more is on its way; wait for it a little.
+      if (commitTime !== undefined && Date.now() - Number(commitTime / 1000n) > BEHIND_MS) {
+        this.#closeTimer = setTimeout(() => {
+          this.#closeTimer = undefined;
+          // Not awaiting the failure's end: it stops the stream, whose next message may be waiting for this.
+          this.#closing = this.#close(commitEndLsn)
+            .catch((error) => void this.#fail(error))
+            .finally(() => (this.#closing = undefined));
+        }, CATCH_UP_WAIT_MS);
+        return;
+      }
+    }
+    await this.#close(commitEndLsn);
+  }
+
+  /** Writes what is left, commits the outbox transaction, then confirms the slot up to `commitEndLsn`. */
+  async #close(commitEndLsn: string): Promise<void> {
+    const tx = this.#tx;
+    if (!tx) return;
     await this.#flush();
     this.#tx = undefined;
     if (tx.conn) {
@@ -357,7 +398,8 @@ class WalReader {
   #onKeepalive(lsn: string, respond: boolean): void {
     if (this.#failed) return;
     const service = this.#service as unknown as { _processing: boolean };
-    const idle = this.#tx === undefined && this.#queued() === 0 && !service._processing;
+    // Not while an outbox transaction is open or committing: its source transactions are not durable yet.
+    const idle = this.#tx === undefined && this.#closing === undefined && this.#queued() === 0 && !service._processing;
     if (idle && lsnValue(lsn) > lsnValue(this.#confirmed)) void this.#confirm(lsn);
     else if (respond) void this.#service.acknowledge(this.#confirmed);
   }
@@ -381,6 +423,7 @@ class WalReader {
     this.#failed = true;
     this.streaming = false;
     clearInterval(this.#heartbeat);
+    clearTimeout(this.#closeTimer);
     const tx = this.#tx;
     this.#tx = undefined;
     if (tx?.conn) {
