@@ -310,7 +310,7 @@ export class ForwardWorker {
         continue;
       }
       if (this.#abort.signal.aborted) return false; // cut off: the batch stays unacknowledged
-      const { retry, outage } = sortFailures(pending, failures, keys, this.#retry.maxAttempts, { attempts, dead, parked });
+      const { retry, outage, untried } = sortFailures(pending, failures, keys, this.#retry.maxAttempts, { attempts, dead, parked });
       if (dead.length > 0 && this.#pauseOnFailure) {
         // The position stops right before the message: everything earlier in the batch is
         // acknowledged, and the pipeline waits for its config to change (or to be stopped).
@@ -325,7 +325,9 @@ export class ForwardWorker {
         return false;
       }
       pending = retry;
-      if (pending.length > 0) {
+      // Held back only behind a message that is dead-lettered or parked now: send them at once
+      // (with isolate_poison, the other keys keep flowing while a poison message waits).
+      if (pending.length > 0 && !untried) {
         const what = outage ? "delivery failed; the target looks down, retrying without spending attempts" : "some messages failed; retrying them";
         this.status.fail(failures[0].error, what, { failed: pending.length });
         await sleep(this.status.retryDelay(this.#retry), stop);

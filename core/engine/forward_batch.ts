@@ -137,10 +137,12 @@ export interface Undelivered {
  * Sorts the `failures` of one publish of `pending`: the messages to publish again (and whether the
  * whole call looked like an outage); the others spend an attempt and go to `so.dead` (permanent, or
  * after `maxAttempts`, 0 for no limit) or, with isolate_poison (`keys`: each message's key), to
- * `so.parked`, together with the messages to retry whose key is parked.
+ * `so.parked`, together with the messages to retry whose key is parked. `untried`: every message to
+ * publish again was held back untried behind one that is now dead-lettered or parked, so there is
+ * nothing to wait for before sending them.
  */
 export function sortFailures(pending: OutboxMessage[], failures: DeliveryFailure[], keys: Map<bigint, string> | undefined,
-  maxAttempts: number, so: Undelivered): { retry: OutboxMessage[]; outage: boolean } {
+  maxAttempts: number, so: Undelivered): { retry: OutboxMessage[]; outage: boolean; untried: boolean } {
   const { attempts, dead, parked } = so;
   const failed = new Map(failures.map((f) => [f.id, f]));
   // An outage, not a bad message: every message tried failed, none went through, and each may
@@ -177,5 +179,6 @@ export function sortFailures(pending: OutboxMessage[], failures: DeliveryFailure
       else retry.push(message);
     }
   }
-  return { retry, outage };
+  const untried = retry.length > 0 && !outage && retry.every((m) => failed.get(m.id)?.heldBack);
+  return { retry, outage, untried };
 }
