@@ -44,7 +44,7 @@ describe("poison isolation", () => {
         isolate_poison: true,
         lanes: 2,
         lane_key: "payload.key",
-        retry: { max_attempts: 3, initial_backoff_ms: 1_000, max_backoff_ms: 2_000 },
+        retry: { max_attempts: 3, initial_backoff_ms: 2_500, max_backoff_ms: 5_000 }, // K stays parked ~7.5 s: time for the checks below
       })}, p_batch_size := 10)`;
       await db.sql`INSERT INTO tide.outbox_messages (outbox, payload)
                    SELECT 'poison', jsonb_build_object('key', k, 'seq', r)
