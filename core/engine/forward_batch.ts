@@ -53,19 +53,24 @@ export interface MessageRow {
   created_at: Date;
 }
 
-/** A row of consumer_read_batch or consumer_read_ahead: a message with the fence it was read under. */
-export type FencedRow = MessageRow & { interval_seq: bigint; read_cursor: bigint; generation: bigint };
+/**
+ * A row of consumer_read_batch, consumer_read_ahead or consumer_commit_read as ConsumerGroup selects
+ * it: a message (its outbox is the group's) with the fence it was read under, given on the first row.
+ */
+export type FencedRow = Omit<MessageRow, "outbox"> & { interval_seq: bigint | null; read_cursor: bigint | null; generation: bigint | null };
 
 /** The default max_batch_size of a sink that grows batches (growBatches). */
 const GROWN_BATCH_SIZE = 1000;
 /** A batch grows only while it would stay under this much payload text. */
 const GROWN_BATCH_BYTES = 2 * 1024 * 1024;
 
-export function toMessage(row: MessageRow): OutboxMessage {
+export function toMessage(row: Omit<MessageRow, "outbox">, outbox: string): OutboxMessage;
+export function toMessage(row: MessageRow): OutboxMessage;
+export function toMessage(row: Omit<MessageRow, "outbox"> & { outbox?: string }, outbox = row.outbox!): OutboxMessage {
   const headers = row.headers === null || row.headers === "{}" ? {} : (parseJson(row.headers) as Record<string, unknown>);
   return outboxMessage({
     id: row.id,
-    outbox: row.outbox,
+    outbox,
     topic: row.topic,
     payloadText: row.payload,
     headers,
@@ -73,11 +78,15 @@ export function toMessage(row: MessageRow): OutboxMessage {
   });
 }
 
-/** The batch of `rows` (undefined for none), fenced on what they were read under and the owner's epoch. */
-export function batchOf(rows: FencedRow[], ownerEpoch: bigint): Batch | undefined {
+/**
+ * The batch of `rows` read from `outbox` (undefined for none), fenced on what they were read under
+ * (the first row's) and the owner's epoch.
+ */
+export function batchOf(rows: FencedRow[], ownerEpoch: bigint, outbox: string): Batch | undefined {
   if (rows.length === 0 || rows[0].id === null) return undefined;
   const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
-  return { messages: rows.map(toMessage), fence: { ownerEpoch, intervalSeq, readCursor, generation } };
+  if (intervalSeq === null || readCursor === null || generation === null) throw new Error("a read returned messages without their fence");
+  return { messages: rows.map((row) => toMessage(row, outbox)), fence: { ownerEpoch, intervalSeq, readCursor, generation } };
 }
 
 /**

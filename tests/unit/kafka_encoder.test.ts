@@ -90,7 +90,7 @@ describe("kafkajs's record encoder as tide patches it", () => {
 
     const decoded = await decodeRecordBatch(new Decoder(batch.buffer));
     expect(decoded.records).toHaveLength(cases.length);
-    decoded.records.forEach((record: { key: Buffer | null; value: Buffer | null; headers: Record<string, Buffer | Buffer[]>; offset: string; timestamp: string }, i: number) => {
+    decoded.records.forEach((record: { key: Buffer | null; value: Buffer | null; headers: Record<string, unknown>; offset: string; timestamp: string }, i: number) => {
       const c = cases[i];
       expect(record.offset).toBe(String(c.offsetDelta));
       expect(record.timestamp).toBe(String(1700000000000 + c.timestampDelta));
