@@ -4,18 +4,22 @@
 // available); the source registers whatever is installed so that it can read batches other
 // producers compressed.
 
-import { CompressionCodecs, CompressionTypes } from "kafkajs";
+import type { CompressionTypes } from "kafkajs";
 
 export const COMPRESSIONS = ["none", "gzip", "snappy", "lz4", "zstd"] as const;
 export type Compression = (typeof COMPRESSIONS)[number];
 
-/** The kafkajs compression type of a config value. */
+/**
+ * The kafkajs compression type of a config value: Kafka's codec numbers (a record batch's attribute
+ * bits), which kafkajs's CompressionTypes names; written out so that kafkajs loads only when a Kafka
+ * pipeline runs (tests/unit/kafka_encoder.test.ts compares them with kafkajs's).
+ */
 export const COMPRESSION_TYPES: Record<Compression, CompressionTypes> = {
-  none: CompressionTypes.None,
-  gzip: CompressionTypes.GZIP,
-  snappy: CompressionTypes.Snappy,
-  lz4: CompressionTypes.LZ4,
-  zstd: CompressionTypes.ZSTD,
+  none: 0 as CompressionTypes,
+  gzip: 1 as CompressionTypes,
+  snappy: 2 as CompressionTypes,
+  lz4: 3 as CompressionTypes,
+  zstd: 4 as CompressionTypes,
 };
 
 type OptionalCodec = "snappy" | "lz4" | "zstd";
@@ -52,8 +56,8 @@ const loaded = new Map<OptionalCodec, Promise<boolean>>();
 function loadCodec(codec: OptionalCodec): Promise<boolean> {
   let result = loaded.get(codec);
   if (!result) {
-    result = importCodec(codec).then(
-      (factory) => {
+    result = Promise.all([importCodec(codec), import("kafkajs")]).then(
+      ([factory, { CompressionCodecs }]) => {
         (CompressionCodecs as Record<number, CodecFactory>)[COMPRESSION_TYPES[codec]] = factory;
         return true;
       },

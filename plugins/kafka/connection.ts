@@ -2,7 +2,7 @@
 // TLS, SASL), the kafkajs client built from them with its log lines routed to the plugin logger,
 // and a connect step bounded in time so that an unreachable cluster fails fast, naming the brokers.
 
-import { Kafka, logLevel, type KafkaConfig, type LogEntry, type SASLOptions } from "kafkajs";
+import type { Kafka, KafkaConfig, LogEntry, SASLOptions } from "kafkajs";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
 import { clampNegativeTimeouts } from "./timers.ts";
@@ -64,8 +64,23 @@ export interface ConnectionConfig {
   sasl?: z.output<typeof saslSchema>;
 }
 
-/** Builds the kafkajs client: no I/O happens until a producer or consumer connects. */
-export function createKafkaClient(config: ConnectionConfig, ctx: PluginContext, requestTimeoutMs = 30_000): Kafka {
+/**
+ * kafkajs, loaded when a Kafka pipeline first connects: a relay without one never holds it (the
+ * other broker clients are loaded the same way).
+ */
+export const loadKafkajs = () => import("kafkajs");
+
+/**
+ * The kafkajs client, built at the first call (kafkajs loaded then); no I/O happens until a producer
+ * or consumer connects.
+ */
+export function kafkaClient(config: ConnectionConfig, ctx: PluginContext, requestTimeoutMs = 30_000): () => Promise<Kafka> {
+  let client: Promise<Kafka> | undefined;
+  return () => (client ??= createKafkaClient(config, ctx, requestTimeoutMs));
+}
+
+async function createKafkaClient(config: ConnectionConfig, ctx: PluginContext, requestTimeoutMs: number): Promise<Kafka> {
+  const { Kafka, logLevel } = await loadKafkajs();
   clampNegativeTimeouts();
   const options: KafkaConfig = {
     clientId: config.client_id,
@@ -79,7 +94,7 @@ export function createKafkaClient(config: ConnectionConfig, ctx: PluginContext, 
     logLevel: logLevel.WARN,
     logCreator: () => {
       const repeats = new RepeatedLines();
-      return (entry: LogEntry) => forwardLog(entry, ctx, repeats);
+      return (entry: LogEntry) => forwardLog(entry, ctx, repeats, logLevel.INFO);
     },
   };
   return new Kafka(options);
@@ -149,11 +164,11 @@ function kafkaSsl(ssl: ConnectionConfig["ssl"]): KafkaConfig["ssl"] {
  * the metadata answer while a topic is being auto-created) and the warning about the idempotent
  * producer's bounded retries (tide retries, and consumers deduplicate on tide-dedup-key) are debug.
  */
-function forwardLog({ namespace, level, log }: LogEntry, ctx: PluginContext, repeats: RepeatedLines): void {
+function forwardLog({ namespace, level, log }: LogEntry, ctx: PluginContext, repeats: RepeatedLines, infoLevel: number): void {
   const { message, timestamp: _timestamp, logger: _logger, ...fields } = log as unknown as Record<string, unknown>;
   const text = `kafkajs ${namespace}: ${String(message)}`;
   const noise = namespace === "Connection" || String(message).startsWith("Limiting retries for the idempotent producer");
-  if (noise || level >= logLevel.INFO) return ctx.logger.debug(text, fields);
+  if (noise || level >= infoLevel) return ctx.logger.debug(text, fields);
   // kafkajs retries inside each call and logs every retry: during an outage that is the same line
   // many times a second. Each line goes out at warn once a minute, with how often it came meanwhile.
   const suppressed = repeats.note(text);

@@ -11,12 +11,12 @@
 // publish() resolves; the transactional id is stable per pipeline and relay group, so that a relay
 // taking the pipeline over fences the one before and aborts its open transaction.
 
-import { ConfigResourceTypes, type Message, Partitioners, type Producer, type TopicMessages, type Transaction } from "kafkajs";
+import type { Message, Producer, TopicMessages, Transaction } from "kafkajs";
 import { z } from "zod";
 import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } from "../../core/plugin.ts";
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
 import { isPermanent, isTooLarge, type PendingRecord, recordBytes, requests, sizeOf } from "./requests.ts";
-import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, kafkaErrorTypes, TOPIC_NAME } from "./connection.ts";
+import { connectionShape, connectWithin, describeKafkaError, kafkaClient, kafkaErrorTypes, loadKafkajs, TOPIC_NAME } from "./connection.ts";
 import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, PROBE_MESSAGE, messageOf, keyOrInstead } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
@@ -114,7 +114,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   if (config.topic_template) checkAllowDotsIn(config.topic_template, config.allow_dots_in, ctx, `${where}: 'topic_template'`);
   const values = oneTokenValues(config.allow_dots_in, "topic name parts");
   if (config.key) ctx.render(config.key, PROBE_MESSAGE);
-  const kafka = createKafkaClient(config, ctx, config.timeout_ms);
+  const kafka = kafkaClient(config, ctx, config.timeout_ms);
   const transactionalId = config.transactional_id ?? `pg-tide:${ctx.relayGroupId ?? "default"}:${ctx.pipeline}`;
   let producer: Producer | undefined;
   /** The transaction of the batch being published (transactional mode): every request goes through it. */
@@ -247,7 +247,8 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
 
   /** The topic's max.message.bytes, or undefined when it cannot be read (no DescribeConfigs permission). */
   async function topicLimit(topic: string): Promise<number | undefined> {
-    const admin = kafka.admin();
+    const { ConfigResourceTypes } = await loadKafkajs();
+    const admin = (await kafka()).admin();
     try {
       await admin.connect();
       const described = await admin.describeConfigs({
@@ -264,7 +265,8 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
   }
 
   async function open(): Promise<void> {
-    const candidate = kafka.producer({
+    const { Partitioners } = await loadKafkajs();
+    const candidate = (await kafka()).producer({
       idempotent: config.idempotent,
       maxInFlightRequests: config.idempotent ? 1 : undefined,
       transactionalId: config.transactional ? transactionalId : undefined,

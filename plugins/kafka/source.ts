@@ -7,7 +7,7 @@ import type { Consumer, EachBatchPayload, KafkaMessage } from "kafkajs";
 import { z } from "zod";
 import type { InboundMessage, PluginContext, SourceBatch, SourceDefinition } from "../../core/plugin.ts";
 import { availableCompressions } from "./codecs.ts";
-import { connectionShape, connectWithin, createKafkaClient, describeKafkaError, TOPIC_NAME } from "./connection.ts";
+import { connectionShape, connectWithin, describeKafkaError, kafkaClient, TOPIC_NAME } from "./connection.ts";
 import { cloudEventId, inboundPayload, keyOrInstead } from "../shared.ts";
 
 const topicName = z.string().regex(TOPIC_NAME, "must be a Kafka topic name (letters, digits, '.', '_', '-')");
@@ -73,7 +73,7 @@ function createKafkaSource(config: KafkaSourceConfig, ctx: PluginContext) {
   // With one topic the id is `<partition>-<offset>` as documented; with several, the topic is part
   // of it, since the same partition and offset exist in each topic.
   const qualifyTopic = config.topics.length > 1;
-  const kafka = createKafkaClient(config, ctx);
+  const kafka = kafkaClient(config, ctx);
   let consumer: Consumer | undefined;
   let connected = false;
   let crashed: Error | undefined;
@@ -84,7 +84,7 @@ function createKafkaSource(config: KafkaSourceConfig, ctx: PluginContext) {
 
   async function start(): Promise<void> {
     await availableCompressions(); // registers every installed codec, to read what producers compressed
-    const candidate = kafka.consumer({ groupId, maxWaitTimeInMs: FETCH_WAIT_MS });
+    const candidate = (await kafka()).consumer({ groupId, maxWaitTimeInMs: FETCH_WAIT_MS });
     candidate.on(candidate.events.CRASH, (event) => {
       const { error, restart } = event.payload as { error: Error; restart: boolean };
       ctx.logger.warn(`${where}: consumer crashed${restart ? ", kafkajs restarts it" : ""}`, { error: describeKafkaError(error) });

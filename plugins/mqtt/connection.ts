@@ -3,7 +3,7 @@
 // time (naming the server and the config key the server refused, never a secret) and reconnects by
 // itself after that, and the rules for topic names and topic filters.
 
-import mqtt, { type IClientOptions, type IConnackPacket, type MqttClient } from "mqtt";
+import type { IClientOptions, IConnackPacket, MqttClient } from "mqtt";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
 import { messageOf } from "../shared.ts";
@@ -116,7 +116,8 @@ export async function connectMqtt(
   if (config.tls) Object.assign(options, { ca: config.tls.ca, cert: config.tls.cert, key: config.tls.key, rejectUnauthorized: config.tls.reject_unauthorized });
   url.username = "";
   url.password = "";
-  const client = mqtt.connect(url.toString(), options);
+  const { connect } = await import("mqtt"); // loaded when an MQTT pipeline first connects
+  const client = connect(url.toString(), options);
   if (session.handleMessage) client.handleMessage = session.handleMessage;
   let sessionPresent = false;
   try {

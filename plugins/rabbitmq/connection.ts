@@ -2,7 +2,7 @@
 // TLS), opening an AMQP 0-9-1 connection from them with errors that name the server and the config
 // key the server refused (never a secret), and the broker's answers turned into plain words.
 
-import amqp, { type ChannelModel, type Options } from "amqplib";
+import type { ChannelModel, Options } from "amqplib";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
 import { cloudEventId, messageOf } from "../shared.ts";
@@ -85,7 +85,8 @@ export async function connectAmqp(config: ConnectionConfig, ctx: PluginContext, 
     Object.assign(socket, { ca: config.tls.ca, cert: config.tls.cert, key: config.tls.key, rejectUnauthorized: config.tls.reject_unauthorized });
   }
   try {
-    return await amqp.connect(options, socket);
+    const { connect } = await import("amqplib"); // loaded when a RabbitMQ pipeline first connects
+    return await connect(options, socket);
   } catch (error) {
     throw ctx.errors.transient(`${where}: cannot connect to RabbitMQ ${serverOf(config)}: ${connectProblem(error, config, options.vhost!)}`, error);
   }

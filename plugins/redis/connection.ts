@@ -3,7 +3,7 @@
 // the config key the server refused, never a secret) and reconnects by itself after that, and the
 // replies of a lost connection turned into plain words.
 
-import { Redis, type RedisOptions } from "ioredis";
+import type { Redis, RedisOptions } from "ioredis";
 import { z } from "zod";
 import type { PluginContext } from "../../core/plugin.ts";
 import { messageOf } from "../shared.ts";
@@ -102,6 +102,7 @@ export async function connectRedis(config: ConnectionConfig, ctx: PluginContext,
     const t = config.tls;
     options.tls = t ? { ca: t.ca, cert: t.cert, key: t.key, rejectUnauthorized: t.reject_unauthorized } : {};
   }
+  const { Redis } = await import("ioredis"); // loaded when a Redis pipeline first connects
   const client = new Redis(options);
   client.on("error", (error) => {
     lastError = error;
