@@ -156,11 +156,26 @@ describe("ownership", () => {
       const relay = await startRelay(db.url, { relayGroupId: "cutoff" });
       relays.push(relay);
       await hook.arrived;
-      await db.sql`SELECT pg_terminate_backend(${(await lockHolder("cutoff", "cutoff"))!})`;
-      await waitFor("the relay to give the pipeline up", () => relay.coordinator.owned().length === 0);
-      await db.sql`SELECT tide.relay_disable('cutoff')`; // nobody takes it again
-      hook.release();
-      await relay.stop();
+      // Nobody takes the pipeline again: this session queues for its lock before the relay's lock
+      // session is ended, so it gets the lock the moment that session is gone (the relay, which
+      // would otherwise take it back at its next tick and deliver the batch again, only ever tries).
+      const holder = (await lockHolder("cutoff", "cutoff"))!;
+      const blocker = await db.sql.reserve();
+      const [{ pid }] = await blocker<{ pid: number }[]>`SELECT pg_backend_pid() AS pid`;
+      const blocked = blocker`SELECT pg_advisory_lock(hashtext('cutoff'), hashtext('cutoff'))`.execute();
+      await waitFor("this session to queue for the lock", async () =>
+        (await db.sql`SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid = ${pid}`).length > 0);
+      try {
+        await db.sql`SELECT pg_terminate_backend(${holder})`;
+        await blocked;
+        await waitFor("the relay to give the pipeline up", () => relay.coordinator.owned().length === 0);
+        await db.sql`SELECT tide.relay_disable('cutoff')`;
+        hook.release();
+        await relay.stop();
+      } finally {
+        await blocker`SELECT pg_advisory_unlock_all()`;
+        blocker.release();
+      }
       // The sink accepted the batch after ownership was lost: a duplicate later, never a commit now.
       expect(hook.keys).toHaveLength(1);
       expect(await lagOf("cutoff", "cutoff")).toBe(3n);
