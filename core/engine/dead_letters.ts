@@ -52,7 +52,7 @@ export async function redeliverRequeued(sql: Sql, pipeline: string, sink: SinkIn
            coalesce(message_created_at, failed_at) AS created_at
       FROM tide.relay_dlq WHERE pipeline = ${pipeline} AND status = 'requeued' ORDER BY id LIMIT 1000`;
   if (rows.length === 0) return;
-  const messages = rows.map(toMessage);
+  const messages = rows.map((row) => toMessage(row, row.outbox));
   const failures = await sink.publish(format ? messages.map(format) : messages);
   const failed = new Set(failures.map((f) => f.id));
   const done = rows.filter((row) => !failed.has(row.id)).map((row) => String(row.dlq_id));

@@ -64,9 +64,8 @@ const GROWN_BATCH_SIZE = 1000;
 /** A batch grows only while it would stay under this much payload text. */
 const GROWN_BATCH_BYTES = 2 * 1024 * 1024;
 
-export function toMessage(row: Omit<MessageRow, "outbox">, outbox: string): OutboxMessage;
-export function toMessage(row: MessageRow): OutboxMessage;
-export function toMessage(row: Omit<MessageRow, "outbox"> & { outbox?: string }, outbox = row.outbox!): OutboxMessage {
+/** The message of a row read from `outbox` (a read's rows leave their outbox out: it is the group's). */
+export function toMessage(row: Omit<MessageRow, "outbox">, outbox: string): OutboxMessage {
   const headers = row.headers === null || row.headers === "{}" ? {} : (parseJson(row.headers) as Record<string, unknown>);
   return outboxMessage({
     id: row.id,

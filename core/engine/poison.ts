@@ -103,7 +103,7 @@ export class HeldKeys {
          WHERE next_attempt_at <= now()`;
       for (const row of due) {
         if (cutOff()) return;
-        const message = toMessage(row);
+        const message = toMessage(row, row.outbox);
         let failure;
         try {
           [failure] = await sink.publish([format ? format(message) : message]);

@@ -201,6 +201,8 @@ describe("webhook delivery under failures", () => {
       await db.sql`SELECT tide.relay_dlq_requeue(${dead[0].id})`;
       await waitFor("the requeued message", () => state.received.length === 3);
       expect(state.received[2].body.n).toBe(2);
+      // The same message again: its dedup key names its outbox and id, as the first attempt's did.
+      expect(state.received[2].key).toBe(`poison:${dead[0].message_id}`);
       await waitFor("the dead letter to be marked redelivered", async () => {
         const [row] = await db.sql`SELECT status FROM tide.relay_dlq WHERE id = ${dead[0].id}`;
         return row.status === "redelivered";

@@ -15,8 +15,8 @@ const PAYLOAD = `{"id": 9007199254740993, "big": 123456789012345678901234567890,
 
 function stored(payload = PAYLOAD, headers: string | null = `{"trace": 9007199254740993}`) {
   return toMessage({
-    id: 7n, outbox: "orders", topic: "public.orders", payload, headers, created_at: new Date("2026-01-01T00:00:00Z"),
-  });
+    id: 7n, topic: "public.orders", payload, headers, created_at: new Date("2026-01-01T00:00:00Z"),
+  }, "orders");
 }
 
 describe("lossless JSON", () => {
