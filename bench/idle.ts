@@ -9,7 +9,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { connectTo, describeMachine, fixed, intFlag, markdownTable, scratchDatabase, spawnRelay } from "./support.ts";
+import { connectTo, describeMachine, fixed, intFlag, markdownTable, medianRun, scratchDatabase, spawnRelay } from "./support.ts";
 
 const RUNS = intFlag("runs", 3);
 const SETTLE_MS = intFlag("settle-seconds", 12) * 1000;
@@ -52,9 +52,10 @@ for (let run = 1; run <= RUNS; run++) {
   }
 }
 
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
-console.log("\n" + markdownTable(["pipelines", "idle RSS MiB (median)", "range", "peak MiB (median)"],
+console.log("\n" + markdownTable(["pipelines", "idle RSS MiB (median run)", "range", "peak MiB (that run)"],
   COUNTS.map((n) => {
-    const rss = results.get(n)!.map((r) => r.rss);
-    return [n, fixed(median(rss), 0), `${fixed(Math.min(...rss), 0)}–${fixed(Math.max(...rss), 0)}`, fixed(median(results.get(n)!.map((r) => r.peak)), 0)];
+    const runs = results.get(n)!;
+    const rss = runs.map((r) => r.rss);
+    const median = medianRun(runs, (r) => r.rss);
+    return [n, fixed(median.rss, 0), `${fixed(Math.min(...rss), 0)}–${fixed(Math.max(...rss), 0)}`, fixed(median.peak, 0)];
   })));

@@ -170,71 +170,37 @@ module.exports = class Encoder {
     mark: "/* tide: one buffer per batch */",
     before: `  const batchBody = new Encoder()
     .writeInt16(attributes)
-    .writeInt32(lastOffsetDelta)
-    .writeInt64(firstTimestamp)
-    .writeInt64(maxTimestamp)
-    .writeInt64(producerId)
-    .writeInt16(producerEpoch)
-    .writeInt32(firstSequence)
-
-  if (compression === Compression.None) {
-    if (records.every(v => typeof v === typeof records[0])) {
-      batchBody.writeArray(records, typeof records[0])
-    } else {
-      batchBody.writeArray(records)
-    }
-  } else {
-    const compressedRecords = await compressRecords(compression, records)
-    batchBody.writeInt32(records.length).writeBuffer(compressedRecords)
-  }
-
-  // CRC32C validation is happening here:
-  // https://github.com/apache/kafka/blob/0.11.0.1/clients/src/main/java/org/apache/kafka/common/record/DefaultRecordBatch.java#L148
-
-  const batch = new Encoder()
+`,
+    after: `  /* tide: one buffer per batch */
+  // FirstOffset, Length, PartitionLeaderEpoch, Magic and CRC go first, then the body the CRC covers,
+  // all written once into one buffer of the batch's size; Length and CRC are filled in at the end.
+  const recordsSize = records.reduce((size, record) => size + (record instanceof Encoder ? record.size() : 0), 0)
+  const batchBody = new Encoder(61 + recordsSize)
+    .writeInt64(firstOffset)
+    .writeInt32(0)
+    .writeInt32(partitionLeaderEpoch)
+    .writeInt8(MAGIC_BYTE)
+    .writeUInt32(0)
+  const bodyStart = batchBody.size()
+  batchBody
+    .writeInt16(attributes)
+`,
+  },
+  {
+    files: ["kafkajs/src/protocol/recordBatch/v0/index.js"],
+    mark: "/* tide: length and CRC in place */",
+    before: `  const batch = new Encoder()
     .writeInt32(partitionLeaderEpoch)
     .writeInt8(MAGIC_BYTE)
     .writeUInt32(crc32C(batchBody.buffer))
     .writeEncoder(batchBody)
 
   return new Encoder().writeInt64(firstOffset).writeBytes(batch.buffer)
-}
 `,
-    after: `  /* tide: one buffer per batch */
-  // FirstOffset, Length, PartitionLeaderEpoch, Magic and CRC, then the body the CRC covers, all
-  // written once into one buffer of the batch's size; Length and CRC are filled in at the end.
-  const recordsSize = records.reduce((size, record) => size + (record instanceof Encoder ? record.size() : 0), 0)
-  const batch = new Encoder(61 + recordsSize)
-    .writeInt64(firstOffset)
-    .writeInt32(0)
-    .writeInt32(partitionLeaderEpoch)
-    .writeInt8(MAGIC_BYTE)
-    .writeUInt32(0)
-  const bodyStart = batch.size()
-  batch
-    .writeInt16(attributes)
-    .writeInt32(lastOffsetDelta)
-    .writeInt64(firstTimestamp)
-    .writeInt64(maxTimestamp)
-    .writeInt64(producerId)
-    .writeInt16(producerEpoch)
-    .writeInt32(firstSequence)
-
-  if (compression === Compression.None) {
-    if (records.every(v => typeof v === typeof records[0])) {
-      batch.writeArray(records, typeof records[0])
-    } else {
-      batch.writeArray(records)
-    }
-  } else {
-    const compressedRecords = await compressRecords(compression, records)
-    batch.writeInt32(records.length).writeBuffer(compressedRecords)
-  }
-
-  batch.buf.writeInt32BE(batch.size() - 12, 8)
-  batch.buf.writeUInt32BE(crc32C(batch.buf.subarray(bodyStart, batch.size())), bodyStart - 4)
-  return batch
-}
+    after: `  /* tide: length and CRC in place */
+  batchBody.buf.writeInt32BE(batchBody.size() - 12, 8)
+  batchBody.buf.writeUInt32BE(crc32C(batchBody.buf.subarray(bodyStart, batchBody.size())), bodyStart - 4)
+  return batchBody
 `,
   },
   {

@@ -50,6 +50,7 @@ describe("kafkajs's record encoder as tide patches it", () => {
     expect(record).toContain("tide: one buffer per record");
     const batch = readFileSync(require.resolve("kafkajs/src/protocol/recordBatch/v0/index.js"), "utf8");
     expect(batch).toContain("tide: one buffer per batch");
+    expect(batch).toContain("tide: length and CRC in place");
     const crc = readFileSync(require.resolve("kafkajs/src/protocol/recordBatch/crc32C/index.js"), "utf8");
     expect(crc).toContain("tide: crc32c by slices");
     const produce = readFileSync(require.resolve("kafkajs/src/protocol/requests/produce/v3/request.js"), "utf8");
