@@ -5,6 +5,7 @@
 // producers compressed.
 
 import type { CompressionTypes } from "kafkajs";
+import { loadKafkajs } from "./connection.ts";
 
 export const COMPRESSIONS = ["none", "gzip", "snappy", "lz4", "zstd"] as const;
 export type Compression = (typeof COMPRESSIONS)[number];
@@ -56,7 +57,7 @@ const loaded = new Map<OptionalCodec, Promise<boolean>>();
 function loadCodec(codec: OptionalCodec): Promise<boolean> {
   let result = loaded.get(codec);
   if (!result) {
-    result = Promise.all([importCodec(codec), import("kafkajs")]).then(
+    result = Promise.all([importCodec(codec), loadKafkajs()]).then(
       ([factory, { CompressionCodecs }]) => {
         (CompressionCodecs as Record<number, CodecFactory>)[COMPRESSION_TYPES[codec]] = factory;
         return true;
