@@ -19,12 +19,22 @@ export interface OutboxMessage {
    */
   payloadText: string;
   /**
+   * The same payload as the UTF-8 bytes PostgreSQL sent (payloadText is their decoding, made on
+   * first use), when the relay read it as bytes: a sink whose client takes bytes sends these as
+   * they are and spares decoding and encoding the text. Absent when there are no such bytes (a wire
+   * format made the body, a source's message): payloadText is then the body. Never modify them.
+   */
+  payloadBytes?: Uint8Array;
+  /**
    * The payload parsed on first use, losslessly: integers beyond 2^53 are BigInt, and a number that
    * a JavaScript number would change (`1.50`, a long decimal) is an object whose String() and
    * JSON.stringify give its exact text. For reading fields; send payloadText.
    */
   readonly payload: unknown;
-  /** Parsed like payload: header values may be BigInt or exact-number objects as well. */
+  /**
+   * Parsed like payload: header values may be BigInt or exact-number objects as well. Read-only
+   * (frozen): messages of a batch whose headers are the same text share one object.
+   */
   headers: Record<string, unknown>;
   /** Stable across redeliveries: `<outbox>:<id>`. Sinks pass it on as the broker's dedup key. */
   dedupKey: string;

@@ -30,6 +30,16 @@ export function payloadBody(message: OutboxMessage): string {
 }
 
 /**
+ * The same body as bytes, for a client that sends bytes: the payload's bytes as PostgreSQL sent them
+ * when the message has them (no decoding, no encoding), else the UTF-8 of payloadBody.
+ */
+export function payloadBodyBytes(message: OutboxMessage): Buffer {
+  const bytes = message.payloadBytes;
+  if (bytes === undefined) return Buffer.from(payloadBody(message));
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/**
  * A config needs `key` unless it has `instead`, and never both: the one statement of such a pair. It
  * adds the check (the first issues the schema reports) and states the pair in the schema's JSON
  * Schema as `anyOf: [{required: [key]}, {required: [instead]}]`, which is where the catalog's

@@ -50,14 +50,17 @@ export function renderTemplate(template: string, message: OutboxMessage, options
   return render(message, options);
 }
 
-/** `headers.event_type`, else `payload.event_type`, else "event". Only non-empty strings count. */
-export function eventTypeOf(headers: Record<string, unknown>, payload: unknown): string {
-  return stringField(headers, "event_type") ?? stringField(payload, "event_type") ?? "event";
+/**
+ * `headers.event_type`, else `payload.event_type`, else "event". Only non-empty strings count. The
+ * payload is asked for only when the headers have none (a payload may not even be decoded yet).
+ */
+export function eventTypeOf(headers: Record<string, unknown>, payload: () => unknown): string {
+  return stringField(headers, "event_type") ?? stringField(payload(), "event_type") ?? "event";
 }
 
-/** `headers.op`, else `payload.op`, else "publish". Only non-empty strings count. */
-export function opOf(headers: Record<string, unknown>, payload: unknown): string {
-  return stringField(headers, "op") ?? stringField(payload, "op") ?? "publish";
+/** `headers.op`, else `payload.op`, else "publish". Only non-empty strings count; payload as in eventTypeOf. */
+export function opOf(headers: Record<string, unknown>, payload: () => unknown): string {
+  return stringField(headers, "op") ?? stringField(payload(), "op") ?? "publish";
 }
 
 const TEMPLATE_CACHE_SIZE = 256;

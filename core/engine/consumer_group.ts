@@ -21,8 +21,9 @@ export interface LaneFilter {
 }
 
 // A read's rows all carry the fence they were read under (and the outbox, which is this group's):
-// only the first row's fence is sent, the others' are NULL, which the driver skips without decoding
-// (three bigints a message less to parse while draining).
+// only the first row's fence is sent, the others' are NULL (three bigints a message less to decode
+// while draining). Reads are raw: every column arrives as the bytes of its text, and fencedRows
+// decodes all but the payload, which stays bytes (OutboxMessage.payloadBytes).
 const MESSAGE_COLUMNS = "id, topic, payload::text AS payload, headers::text AS headers, created_at, " +
   "CASE WHEN n = 1 THEN interval_seq END AS interval_seq, CASE WHEN n = 1 THEN read_cursor END AS read_cursor, " +
   "CASE WHEN n = 1 THEN generation END AS generation";
@@ -75,11 +76,11 @@ export class ConsumerGroup {
 
   /** The next batch of up to `limit` messages from the group's position; undefined when there is none. */
   async read(limit: number, ownerEpoch: bigint): Promise<Batch | undefined> {
-    return batchOf(await this.#sql<FencedRow[]>`
+    const raw = await this.#sql`
       SELECT ${this.#sql.unsafe(MESSAGE_COLUMNS)}
         FROM tide.consumer_read_batch(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, p_durable := false,
-                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(${this.#sql.unsafe(READ_COLUMNS)})`,
-      ownerEpoch, this.#outbox);
+                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(${this.#sql.unsafe(READ_COLUMNS)})`.raw();
+    return batchOf(fencedRows(raw, 0), ownerEpoch, this.#outbox);
   }
 
   /**
@@ -89,11 +90,11 @@ export class ConsumerGroup {
   async readAhead(batch: Batch, limit: number, ownerEpoch: bigint): Promise<Batch | undefined> {
     const { intervalSeq, generation } = batch.fence;
     const last = batch.messages[batch.messages.length - 1].id;
-    return batchOf(await this.#sql<FencedRow[]>`
+    const raw = await this.#sql`
       SELECT ${this.#sql.unsafe(MESSAGE_COLUMNS)}
         FROM tide.consumer_read_ahead(${this.#outbox}, ${this.#group}, ${limit}, ${this.#relayGroupId}, ${intervalSeq}, ${generation}, ${last},
-                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(${this.#sql.unsafe(READ_COLUMNS)})`,
-      ownerEpoch, this.#outbox);
+                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(${this.#sql.unsafe(READ_COLUMNS)})`.raw();
+    return batchOf(fencedRows(raw, 0), ownerEpoch, this.#outbox);
   }
 
   /**
@@ -113,12 +114,47 @@ export class ConsumerGroup {
    * round trip. Undefined when the commit was refused; else the next batch, null for none.
    */
   async commitAndRead(last: bigint, count: number, fence: Fence, limit: number, ownerEpoch: bigint): Promise<Batch | null | undefined> {
-    const rows = await this.#sql<(FencedRow & { moved: boolean })[]>`
+    const raw = await this.#sql`
       SELECT moved, ${this.#sql.unsafe(MESSAGE_COLUMNS)}
         FROM tide.consumer_commit_read(${this.#outbox}, ${this.#group}, ${last}, ${count}, ${this.#relayGroupId}, ${fence.generation},
                                        ${fence.intervalSeq}, ${fence.readCursor}, ${fence.ownerEpoch}, ${limit}, p_durable := false,
-                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(moved, ${this.#sql.unsafe(READ_COLUMNS)})`;
-    if (!rows[0].moved) return undefined;
-    return batchOf(rows, ownerEpoch, this.#outbox) ?? null;
+                                       p_lane := ${this.#lane}::text::jsonb) WITH ORDINALITY AS r(moved, ${this.#sql.unsafe(READ_COLUMNS)})`.raw();
+    if (!isTrue(raw[0][0])) return undefined;
+    return batchOf(fencedRows(raw, 1), ownerEpoch, this.#outbox) ?? null;
   }
 }
+
+/** A column as the server sent it: the bytes of its text (the driver's raw reads), or null. */
+type RawColumn = Buffer | null;
+
+/**
+ * The rows of a raw read whose MESSAGE_COLUMNS start at column `from`. The message columns are the
+ * text the driver would decode (int8, text, timestamptz as `2026-01-02 03:04:05.678+00`, which
+ * `new Date` reads as the driver does); the payload is kept as it arrived.
+ */
+export function fencedRows(raw: RawColumn[][], from: number): FencedRow[] {
+  const rows: FencedRow[] = new Array(raw.length);
+  for (let i = 0; i < raw.length; i++) {
+    const r = raw[i];
+    // A read that found nothing returns one row of NULLs (batchOf looks at its id).
+    rows[i] = {
+      id: bigintOf(r[from])!,
+      topic: textOf(r[from + 1]),
+      payload: r[from + 2] ?? EMPTY,
+      headers: textOf(r[from + 3]),
+      created_at: new Date(asciiOf(r[from + 4]) ?? 0),
+      interval_seq: bigintOf(r[from + 5]),
+      read_cursor: bigintOf(r[from + 6]),
+      generation: bigintOf(r[from + 7]),
+    };
+  }
+  return rows;
+}
+
+const EMPTY = Buffer.alloc(0);
+const textOf = (column: RawColumn): string | null => (column === null ? null : column.toString("utf8"));
+/** An int8 or timestamptz: its text is ASCII. */
+const asciiOf = (column: RawColumn): string | null => (column === null ? null : column.toString("latin1"));
+const bigintOf = (column: RawColumn): bigint | null => (column === null ? null : BigInt(column.toString("latin1")));
+/** A boolean's text: `t` or `f`. */
+const isTrue = (column: RawColumn | undefined): boolean => column?.[0] === 0x74;

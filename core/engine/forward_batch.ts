@@ -8,7 +8,7 @@ import { ConfigError } from "../errors.ts";
 import type { FilterFn } from "../config/filter.ts";
 import type { DeliveryFailure, OutboxMessage } from "../plugin.ts";
 import { parseJson } from "../json.ts";
-import { outboxMessage } from "../message.ts";
+import { outboxMessage, payloadSize } from "../message.ts";
 
 /** What a batch was read under: tide.consumer_commit refuses an acknowledgement when any has moved. */
 export interface Fence {
@@ -54,10 +54,16 @@ export interface MessageRow {
 }
 
 /**
- * A row of consumer_read_batch, consumer_read_ahead or consumer_commit_read as ConsumerGroup selects
+ * A row of consumer_read_batch, consumer_read_ahead or consumer_commit_read as ConsumerGroup reads
  * it: a message (its outbox is the group's) with the fence it was read under, given on the first row.
+ * Its payload is the bytes of the text PostgreSQL sent, not decoded (OutboxMessage.payloadBytes).
  */
-export type FencedRow = Omit<MessageRow, "outbox"> & { interval_seq: bigint | null; read_cursor: bigint | null; generation: bigint | null };
+export type FencedRow = Omit<MessageRow, "outbox" | "payload"> & {
+  payload: Uint8Array;
+  interval_seq: bigint | null;
+  read_cursor: bigint | null;
+  generation: bigint | null;
+};
 
 /** The default max_batch_size of a sink that grows batches (growBatches). */
 const GROWN_BATCH_SIZE = 1000;
@@ -65,16 +71,12 @@ const GROWN_BATCH_SIZE = 1000;
 const GROWN_BATCH_BYTES = 2 * 1024 * 1024;
 
 /** The message of a row read from `outbox` (a read's rows leave their outbox out: it is the group's). */
-export function toMessage(row: Omit<MessageRow, "outbox">, outbox: string): OutboxMessage {
-  const headers = row.headers === null || row.headers === "{}" ? {} : (parseJson(row.headers) as Record<string, unknown>);
-  return outboxMessage({
-    id: row.id,
-    outbox,
-    topic: row.topic,
-    payloadText: row.payload,
-    headers,
-    createdAt: row.created_at,
-  });
+export function toMessage(row: Omit<MessageRow, "outbox" | "payload"> & { payload: string | Uint8Array }, outbox: string, headers = headersOf(row.headers)): OutboxMessage {
+  return outboxMessage({ id: row.id, outbox, topic: row.topic, payload: row.payload, headers, createdAt: row.created_at });
+}
+
+function headersOf(text: string | null): Record<string, unknown> {
+  return text === null || text === "{}" ? {} : (parseJson(text) as Record<string, unknown>);
 }
 
 /**
@@ -85,7 +87,15 @@ export function batchOf(rows: FencedRow[], ownerEpoch: bigint, outbox: string): 
   if (rows.length === 0 || rows[0].id === null) return undefined;
   const { interval_seq: intervalSeq, read_cursor: readCursor, generation } = rows[0];
   if (intervalSeq === null || readCursor === null || generation === null) throw new Error("a read returned messages without their fence");
-  return { messages: rows.map((row) => toMessage(row, outbox)), fence: { ownerEpoch, intervalSeq, readCursor, generation } };
+  // Rows whose headers are the same text (an event type on every message) share one parsed object,
+  // frozen: the contract says a sink reads headers, and one that writes to them fails loudly.
+  let text: string | null | undefined;
+  let headers: Record<string, unknown> = {};
+  const messages = rows.map((row) => {
+    if (row.headers !== text) headers = Object.freeze(headersOf((text = row.headers)));
+    return toMessage(row, outbox, headers);
+  });
+  return { messages, fence: { ownerEpoch, intervalSeq, readCursor, generation } };
 }
 
 /**
@@ -108,7 +118,7 @@ export function maxBatchSize(pipeline: string, batchSize: number, configured: nu
  */
 export function nextLimit(batch: OutboxMessage[], full: boolean, limit: number, maxLimit: number, batchSize: number): number {
   let bytes = 0;
-  for (const message of batch) bytes += message.payloadText.length;
+  for (const message of batch) bytes += payloadSize(message);
   handled(bytes);
   if (!full) return batchSize;
   if (limit >= maxLimit) return limit;

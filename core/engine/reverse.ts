@@ -169,7 +169,7 @@ export class ReverseWorker {
       // The payload's text as the source delivered it; filters and templates see it parsed (losslessly).
       const payloadText = message.payloadText ?? stringifyJson(message.payload ?? null);
       const view = outboxMessage({
-        id: 0n, outbox: inbox, topic: null, payloadText, headers: message.headers ?? {}, createdAt: new Date(), eventType: "", op: "publish",
+        id: 0n, outbox: inbox, topic: null, payload: payloadText, headers: message.headers ?? {}, createdAt: new Date(), eventType: "", op: "publish",
       });
       if (this.#filter) {
         // A message the filter cannot decide on is counted and shown (metric, last_error), then

@@ -191,9 +191,8 @@ export class RelayMetrics {
         this.#published.inc({ pipeline, direction: "forward" }, messages.length);
         this.#batches.inc({ pipeline });
         const now = Date.now();
-        for (const message of messages) {
-          this.#latency.observe({ pipeline }, Math.max(0, now - new Date(message.createdAt).getTime()) / 1000);
-        }
+        const latency = this.#latency.labels({ pipeline });
+        for (const message of messages) latency.observe(Math.max(0, now - message.createdAt.getTime()) / 1000);
         this.#count(pipeline, messages.length);
       },
       consumed: (pipeline, inserted, duplicates) => {

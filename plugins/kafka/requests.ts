@@ -65,8 +65,9 @@ const BATCH_OVERHEAD_BYTES = 70;
 
 export function recordBytes(record: Message): number {
   let bytes = RECORD_OVERHEAD_BYTES + byteLength(record.key) + byteLength(record.value);
-  for (const [name, value] of Object.entries(record.headers ?? {})) {
-    bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + byteLength(value as string | Buffer | undefined);
+  const headers = record.headers ?? {};
+  for (const name in headers) {
+    bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + byteLength(headers[name] as string | Buffer | undefined);
   }
   return bytes;
 }

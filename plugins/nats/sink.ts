@@ -25,7 +25,7 @@ import {
 } from "./connection.ts";
 import { HeaderBlock } from "./header_block.ts";
 import { JetStreamPublisher, type Outgoing } from "./jetstream_publisher.ts";
-import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBody, messageOf, keyOrInstead } from "../shared.ts";
+import { checkAllowDotsIn, cloudEventHeaderValue, headerText, oneTokenValues, payloadBodyBytes, messageOf, keyOrInstead } from "../shared.ts";
 
 const configSchema = z
   .strictObject({
@@ -91,7 +91,6 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
   // Surface an unknown placeholder now, as a config error, rather than on the first message.
   if (config.subject_template) checkAllowDotsIn(config.subject_template, config.allow_dots_in, ctx, `${where}: 'subject_template'`);
   const values = oneTokenValues(config.allow_dots_in, "subject tokens");
-  const encoder = new TextEncoder();
   const routes = new Map<string, { route: Route | "missing"; until: number }>();
   let nc: NatsConnection | undefined;
   let publisher: JetStreamPublisher | undefined;
@@ -235,7 +234,7 @@ function createNatsSink(config: NatsSinkConfig, ctx: PluginContext) {
       // Everything goes out at once, in order, on one connection; then the acks are collected.
       const outgoing: Outgoing[] = [];
       for (const item of planned) {
-        const data = encoder.encode(payloadBody(item.message));
+        const data = payloadBodyBytes(item.message);
         outgoing.push({ subject: item.subject, data, headers: headersFor(item.message), ack: item.route === "jetstream" });
       }
       const sendErrors = await publisher!.publishAll(outgoing, config.timeout_ms);

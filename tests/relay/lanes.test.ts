@@ -24,7 +24,7 @@ afterAll(async () => {
 });
 
 const message = (payload: string, headers: Record<string, unknown> = {}) =>
-  outboxMessage({ id: 1n, outbox: "o", topic: null, payloadText: payload, headers, createdAt: new Date() });
+  outboxMessage({ id: 1n, outbox: "o", topic: null, payload, headers, createdAt: new Date() });
 
 /** Lanes' consumer groups of a pipeline's group, with their lag. */
 async function laneLags(outbox: string, relayGroup: string): Promise<Map<string, bigint>> {

@@ -20,7 +20,7 @@ let status = 200;
 const bodies: any[] = [];
 
 function message(id: number, headers: Record<string, unknown>) {
-  return outboxMessage({ id: BigInt(id), outbox: "orders", topic: null, payloadText: "{}", headers, createdAt: new Date() });
+  return outboxMessage({ id: BigInt(id), outbox: "orders", topic: null, payload: "{}", headers, createdAt: new Date() });
 }
 
 function exporter() {

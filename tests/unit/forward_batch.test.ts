@@ -8,7 +8,7 @@ import { sortFailures } from "../../core/engine/forward_batch.ts";
 import { outboxMessage } from "../../core/message.ts";
 
 const message = (id: number, key: string) =>
-  outboxMessage({ id: BigInt(id), outbox: "o", topic: null, payloadText: JSON.stringify({ key }), headers: {}, createdAt: new Date() });
+  outboxMessage({ id: BigInt(id), outbox: "o", topic: null, payload: JSON.stringify({ key }), headers: {}, createdAt: new Date() });
 
 const batch = [message(1, "K"), message(2, "A"), message(3, "K"), message(4, "B")];
 const keys = new Map(batch.map((m) => [m.id, JSON.parse(m.payloadText).key as string]));

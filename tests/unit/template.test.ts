@@ -84,24 +84,32 @@ describe("templates", () => {
 
 describe("event type and op", () => {
   it("takes the event type from the headers first", () => {
-    expect(eventTypeOf({ event_type: "from.header" }, { event_type: "from.payload" })).toBe("from.header");
+    expect(eventTypeOf({ event_type: "from.header" }, () => ({ event_type: "from.payload" }))).toBe("from.header");
+  });
+
+  it("does not look at the payload when the headers name them", () => {
+    const untouched = () => {
+      throw new Error("the payload was read");
+    };
+    expect(eventTypeOf({ event_type: "from.header" }, untouched)).toBe("from.header");
+    expect(opOf({ op: "update" }, untouched)).toBe("update");
   });
 
   it("falls back to the payload, then to \"event\"", () => {
-    expect(eventTypeOf({}, { event_type: "from.payload" })).toBe("from.payload");
-    expect(eventTypeOf({}, { other: 1 })).toBe("event");
-    expect(eventTypeOf({}, null)).toBe("event");
-    expect(eventTypeOf({}, ["event_type"])).toBe("event");
+    expect(eventTypeOf({}, () => ({ event_type: "from.payload" }))).toBe("from.payload");
+    expect(eventTypeOf({}, () => ({ other: 1 }))).toBe("event");
+    expect(eventTypeOf({}, () => null)).toBe("event");
+    expect(eventTypeOf({}, () => ["event_type"])).toBe("event");
   });
 
   it("ignores empty and non-string event types", () => {
-    expect(eventTypeOf({ event_type: "" }, { event_type: 7 })).toBe("event");
-    expect(eventTypeOf({ event_type: 7 }, { event_type: "from.payload" })).toBe("from.payload");
+    expect(eventTypeOf({ event_type: "" }, () => ({ event_type: 7 }))).toBe("event");
+    expect(eventTypeOf({ event_type: 7 }, () => ({ event_type: "from.payload" }))).toBe("from.payload");
   });
 
   it("takes op from the headers, then the payload, then \"publish\"", () => {
-    expect(opOf({ op: "update" }, { op: "insert" })).toBe("update");
-    expect(opOf({}, { op: "delete" })).toBe("delete");
-    expect(opOf({}, "text payload")).toBe("publish");
+    expect(opOf({ op: "update" }, () => ({ op: "insert" }))).toBe("update");
+    expect(opOf({}, () => ({ op: "delete" }))).toBe("delete");
+    expect(opOf({}, () => "text payload")).toBe("publish");
   });
 });
