@@ -45,6 +45,7 @@ export function relayFallback(manifest: Manifest | undefined): Record<string, st
     "max-pipelines": text(relay.max_pipelines),
     "poll-interval-ms": text(relay.poll_interval_ms),
     "drain-timeout": text(relay.drain_timeout),
+    "memory-target-mib": text(relay.memory_target_mib),
     "ownership-lease-ms": text(relay.ownership_lease_ms),
     "log-format": relay.log_format,
     "log-level": relay.log_level,

@@ -39,6 +39,7 @@ export interface Manifest {
     max_pipelines?: number;
     poll_interval_ms?: number;
     drain_timeout?: number;
+    memory_target_mib?: number;
     ownership_lease_ms?: number;
     log_format?: "text" | "json";
     log_level?: "debug" | "info" | "warn" | "error";
@@ -138,6 +139,7 @@ const relaySchema = z.strictObject({
   max_pipelines: positiveInt.optional(),
   poll_interval_ms: positiveInt.optional(),
   drain_timeout: positiveInt.optional(),
+  memory_target_mib: positiveInt.optional(),
   ownership_lease_ms: z.number().int().min(1000, { message: "must be at least 1000" }).optional(),
   log_format: z.enum(["text", "json"]).optional(),
   log_level: z.enum(["debug", "info", "warn", "error"]).optional(),

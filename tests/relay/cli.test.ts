@@ -241,6 +241,7 @@ path = "${join(dir, "env-b.jsonl")}"
     const cases: [Record<string, string>, string][] = [
       [{ PG_TIDE_DRAIN_TIMEOUT: "soon" }, 'PG_TIDE_DRAIN_TIMEOUT must be a positive integer (got "soon")'],
       [{ PG_TIDE_MAX_PIPELINES: "0" }, 'PG_TIDE_MAX_PIPELINES must be a positive integer (got "0")'],
+      [{ PG_TIDE_MEMORY_TARGET_MIB: "lots" }, 'PG_TIDE_MEMORY_TARGET_MIB must be a positive integer (got "lots")'],
       [{ PG_TIDE_POLL_INTERVAL_MS: "fast" }, 'PG_TIDE_POLL_INTERVAL_MS must be a positive integer (got "fast")'],
       [{ PG_TIDE_LOG_FORMAT: "xml" }, 'PG_TIDE_LOG_FORMAT must be "text" or "json" (got "xml")'],
       [{ PG_TIDE_LOG_LEVEL: "loud" }, 'PG_TIDE_LOG_LEVEL must be debug, info, warn or error (got "loud")'],

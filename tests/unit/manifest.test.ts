@@ -58,6 +58,7 @@ describe("manifest files", () => {
       max_pipelines: 50,
       poll_interval_ms: 100,
       drain_timeout: 20,
+      memory_target_mib: 128,
       log_format: "json",
       log_level: "debug",
       pipelines_mode: "manifest",
