@@ -23,6 +23,13 @@
 // to encode and now ~3 (docs/benchmarks.md). The bytes on the wire are the same:
 // tests/unit/kafka_encoder.test.ts compares them with what unpatched kafkajs wrote and decodes them
 // with kafkajs's own decoder.
+//
+// 3. postgres.js copies every network chunk that continues a message begun in the chunk before (that
+// is, nearly every chunk of a large result: a 1 KiB row rarely ends where a chunk does) into a new
+// buffer with what was left of the previous one, to parse on from there. Now only the message that
+// spans the two chunks is put together; the rest of the chunk is parsed where it is. What the
+// driver hands on is unchanged (the same messages, the same bytes): every query of the test suite
+// goes through it, and tests/relay/raw_reads.test.ts reads rows of every size across chunk ends.
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -280,6 +287,43 @@ module.exports = buffer => crc32cBySlices(buffer) >>> 0
     .writeInt32(header.size() + payload.size())
     .writeEncoder(header)
     .writeEncoder(payload)
+`,
+  },
+  {
+    files: ["postgres/src/connection.js", "postgres/cjs/src/connection.js", "postgres/cf/src/connection.js"],
+    mark: "/* tide: join only the message across chunks */",
+    before: `  function data(x) {
+    if (incomings) {
+      incomings.push(x)
+      remaining -= x.length
+      if (remaining > 0)
+        return
+    }
+`,
+    after: `  function data(x) {
+    if (incomings) {
+      incomings.push(x)
+      remaining -= x.length
+      if (remaining > 0)
+        return
+      /* tide: join only the message across chunks */
+      // The message needs the first \`take\` bytes of x; the rest of x is parsed in place below.
+      const take = remaining + x.length + 1
+      if (take <= x.length) {
+        incomings[incomings.length - 1] = x.subarray(0, take)
+        const message = Buffer.concat(incomings, length + 1)
+        incomings = null
+        remaining = 0
+        try {
+          handle(message)
+        } catch (e) {
+          query && (query.cursorFn || query.describeFirst) && write(Sync)
+          errored(e)
+        }
+        incoming = Buffer.alloc(0)
+        x = x.subarray(take)
+      }
+    }
 `,
   },
 ];

@@ -1,9 +1,14 @@
 // What a forward worker's reads hand to a sink (core/engine/consumer_group.ts): the driver's raw
 // rows decoded into messages whose payload stays the bytes PostgreSQL sent (payloadBytes), with
 // payloadText their decoding; every column as the driver would have read it; the fence on the first
-// row; a read that finds nothing, and a refused acknowledgement, told apart from a batch.
+// row; a read that finds nothing, and a refused acknowledgement, told apart from a batch. And the
+// driver itself, patched to put together only the message that spans two network chunks
+// (scripts/patch-deps.mjs): rows of every size, and one of megabytes, arrive whole.
 
 import { afterAll, beforeAll, describe, expect, it } from "bun:test";
+import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { ConsumerGroup } from "../../core/engine/consumer_group.ts";
 import { createTestDatabase, type TestDatabase } from "../support/postgres.ts";
 
@@ -84,5 +89,36 @@ describe("a forward worker's raw reads", () => {
     // The same acknowledgement again: its fence moved, so it is refused (undefined), not "nothing next" (null).
     expect(await group.commitAndRead(last, 1, first.fence, 5, epoch)).toBeUndefined();
     expect(await group.commitAndRead(next!.messages[0]!.id, 1, next!.fence, 5, epoch)).toBeNull();
+  });
+});
+
+describe("the driver across network chunks", () => {
+  const md5 = (bytes: Uint8Array) => createHash("md5").update(bytes).digest("hex");
+  // Rows of 1 to 4,000 bytes (two-byte characters among them), so that rows end everywhere in a chunk.
+  const ROWS = `SELECT n, md5(convert_to(t, 'UTF8')) AS digest, t
+                  FROM (SELECT n, repeat('aé' || n::text, 1 + n / 4) AS t FROM generate_series(1, 3000) n) s ORDER BY n`;
+
+  it("is patched to join only the message that spans two chunks", () => {
+    const source = readFileSync(join(import.meta.dir, "../../node_modules/postgres/src/connection.js"), "utf8");
+    expect(source).toContain("tide: join only the message across chunks");
+  });
+
+  it("hands on every row whole, as text and as raw bytes", async () => {
+    const rows = await db.sql<{ n: number; digest: string; t: string }[]>`${db.sql.unsafe(ROWS)}`;
+    expect(rows).toHaveLength(3000);
+    expect(rows.filter((r, i) => r.n !== i + 1 || md5(Buffer.from(r.t, "utf8")) !== r.digest)).toEqual([]);
+    const raw = await db.sql`${db.sql.unsafe(ROWS)}`.raw();
+    expect(raw).toHaveLength(3000);
+    expect(raw.filter((r, i) => Number(String(r[0])) !== i + 1 || md5(r[2] as Buffer) !== String(r[1]))).toEqual([]);
+  });
+
+  it("hands on a row of megabytes whole, with the rows around it", async () => {
+    const rows = await db.sql<{ n: number; digest: string; t: string }[]>`
+      SELECT n, md5(convert_to(t, 'UTF8')) AS digest, t
+        FROM (SELECT n, CASE WHEN n = 2 THEN repeat('☃x', 1500000) ELSE 'small ' || n END AS t FROM generate_series(1, 3) n) s
+       ORDER BY n`;
+    expect(rows.map((r) => r.n)).toEqual([1, 2, 3]);
+    expect(rows[1]!.t.length).toBe(3_000_000);
+    expect(rows.every((r) => md5(Buffer.from(r.t, "utf8")) === r.digest)).toBe(true);
   });
 });
