@@ -63,7 +63,7 @@ export const RUN_FLAGS = {
     placeholder: "MIB",
     help: "soft ceiling on the relay's resident memory: above it, garbage is collected every 16 MiB of payload " +
       "handled (a lower value holds memory down during a backlog drain at some CPU: 100 forces collections " +
-      "throughout and costs about a third more CPU per message); below it, the runtime collects on its own",
+      "throughout a drain, for 15-30% more CPU per message); below it, the runtime collects on its own",
   },
   "metrics-addr": {
     type: "string",
