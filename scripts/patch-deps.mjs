@@ -36,6 +36,15 @@ import { fileURLToPath } from "node:url";
 
 const modules = join(dirname(fileURLToPath(import.meta.url)), "..", "node_modules");
 
+/** The start of postgres.js's data(): where a message continued from the chunk before is completed. */
+const DATA_HEAD = `  function data(x) {
+    if (incomings) {
+      incomings.push(x)
+      remaining -= x.length
+      if (remaining > 0)
+        return
+`;
+
 const PATCHES = [
   {
     files: ["postgres/src/connection.js", "postgres/cjs/src/connection.js", "postgres/cf/src/connection.js"],
@@ -292,21 +301,9 @@ module.exports = buffer => crc32cBySlices(buffer) >>> 0
   {
     files: ["postgres/src/connection.js", "postgres/cjs/src/connection.js", "postgres/cf/src/connection.js"],
     mark: "/* tide: join only the message across chunks */",
-    before: `  function data(x) {
-    if (incomings) {
-      incomings.push(x)
-      remaining -= x.length
-      if (remaining > 0)
-        return
-    }
+    before: `${DATA_HEAD}    }
 `,
-    after: `  function data(x) {
-    if (incomings) {
-      incomings.push(x)
-      remaining -= x.length
-      if (remaining > 0)
-        return
-      /* tide: join only the message across chunks */
+    after: `${DATA_HEAD}      /* tide: join only the message across chunks */
       // The message needs the first \`take\` bytes of x; the rest of x is parsed in place below.
       const take = remaining + x.length + 1
       if (take <= x.length) {

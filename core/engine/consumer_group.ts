@@ -155,6 +155,6 @@ const EMPTY = Buffer.alloc(0);
 const textOf = (column: RawColumn): string | null => (column === null ? null : column.toString("utf8"));
 /** An int8 or timestamptz: its text is ASCII. */
 const asciiOf = (column: RawColumn): string | null => (column === null ? null : column.toString("latin1"));
-const bigintOf = (column: RawColumn): bigint | null => (column === null ? null : BigInt(column.toString("latin1")));
+const bigintOf = (column: RawColumn): bigint | null => (column === null ? null : BigInt(asciiOf(column)!));
 /** A boolean's text: `t` or `f`. */
 const isTrue = (column: RawColumn | undefined): boolean => column?.[0] === 0x74;

@@ -17,7 +17,7 @@ import type { DeliveryFailure, OutboxMessage, PluginContext, SinkDefinition } fr
 import { COMPRESSION_TYPES, COMPRESSIONS, ensureCodec } from "./codecs.ts";
 import { isPermanent, isTooLarge, type PendingRecord, recordBytes, requests, sizeOf } from "./requests.ts";
 import { connectionShape, connectWithin, describeKafkaError, kafkaClient, kafkaErrorTypes, loadKafkajs, TOPIC_NAME } from "./connection.ts";
-import { checkAllowDotsIn, headerText, oneTokenValues, payloadBody, payloadBodyBytes, PROBE_MESSAGE, messageOf, keyOrInstead } from "../shared.ts";
+import { checkAllowDotsIn, headerText, oneTokenValues, payloadBodyBytes, PROBE_MESSAGE, messageOf, keyOrInstead } from "../shared.ts";
 
 const ACKS = { all: -1, "-1": -1, "1": 1, "0": 0 } as const;
 
@@ -153,7 +153,7 @@ function createKafkaSink(config: KafkaSinkConfig, ctx: PluginContext) {
     // CloudEvents Kafka binding: content-type tells structured mode; binary mode adds ce_ headers.
     if (message.contentType) headers["content-type"] = message.contentType;
     for (const [name, value] of Object.entries(message.cloudEventAttributes ?? {})) headers[`ce_${name}`] = value;
-    const record = { key, value: message.payloadBytes ? payloadBodyBytes(message) : payloadBody(message), headers };
+    const record = { key, value: payloadBodyBytes(message), headers };
     return { message, topic, record, bytes: recordBytes(record) };
   }
 
